@@ -1,0 +1,813 @@
+"""
+HieraTok: a multi-scale ViT image tokenizer and a DiT on its latents, in one file.
+Paper: "HieraTok: Multi-Scale Visual Tokenizer Improves Image Reconstruction and Generation"
+(arXiv 2509.23736). Read top to bottom; each section builds on the ones above it.
+
+  1. Primitives ............ patchify / unpatchify, sin-cos tables, LayerNorm2d, DropPath
+  2. Transformer block ..... Attention (SDPA, optional boolean mask), MLP, Block
+  3. Encoder ............... ViT: image -> posterior over the latent z (B, d, S, S)
+  4. Downsampler ........... z -> decoder width -> token maps at every scale (conv | interp)
+  5. Decoder ............... scale-masked ViT over the coarse-to-fine sequence, one head per scale
+  6. Tokenizer ............. HieraTok: encode / tokens / decode_tokens / decode / loss
+  7. Losses ................ KL, LPIPS (offline weights), PatchGAN discriminator, hinge, adaptive weight,
+                             VF alignment loss (VA-VAE) for the scaled-up recipe
+  8. DiT ................... Peebles & Xie's adaLN-Zero transformer on z
+  9. Flow matching ......... loss, CFG velocity, Euler / Heun sampler, per-sample seeded noise
+ 10. FLOPs ................. forward FLOPs per image (tokenizer, DiT) for MFU
+ 11. Presets and checkpoints  TOKENIZER_PRESETS, DIT_PRESETS, save_checkpoint, load_checkpoint
+
+Notable choices (see DESIGN.md of the project for the reasoning):
+- Images live in [-1, 1]. The latent the DiT learns is z before any downsampling, so single- and
+  multi-scale tokenizers hand the DiT the same (B, d, 16, 16) tensor.
+- Scale-causal attention is one boolean mask built once from per-token scale indices. The default
+  path splits the attention so the finest scale (3/4 of the tokens) runs with no mask at all.
+- The DiT is trained with flow matching (x_t = (1-t) x0 + t eps, velocity target) and sampled
+  with an ODE; per-sample seeds make samples independent of batch size and GPU count.
+"""
+
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_CLASSES = 1000
+LPIPS_MIN_SIZE = 32            # LPIPS is applied only to scales whose image is at least this many px
+VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16 weights, the LPIPS backbone
+
+# ----------------------------------------------------------------------------------------------
+# 1. Primitives
+
+
+def patchify(x, p):
+    """(B, C, H, W) -> (B, H/p * W/p, p*p*C), patches in row-major order."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p)                # (B, C, h, p, w, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, p, h, C=3):
+    """(B, h*h, p*p*C) -> (B, C, h*p, h*p); the inverse of patchify for a square grid of side h."""
+    B = x.shape[0]
+    x = x.reshape(B, h, h, p, p, C)                          # (B, h, w, p, p, C)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, h * p, h * p)
+
+
+def sincos_2d(dim, grid):
+    """Fixed 2-D sin-cos position table (grid*grid, dim): half the channels encode rows, half columns."""
+    assert dim % 4 == 0, "sin-cos embedding needs a width divisible by 4"
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    pos = torch.arange(grid, dtype=torch.float64)
+    gy, gx = torch.meshgrid(pos, pos, indexing="ij")
+    out = [f(g.reshape(-1, 1) * omega) for g in (gx, gy) for f in (torch.sin, torch.cos)]
+    return torch.cat(out, dim=1).float()                    # (grid*grid, dim)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map, as ViTDet's feature pyramid uses."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Transformer block
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, qkv_bias=False):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None, split=None):
+        """x (B, L, D). mask: None or bool (L, L), True = may attend. split = (n, k0) takes the exact
+        two-call path for scale masks: queries from n on (the finest scale) see keys from k0 on with
+        no mask (k0 = 0 in causal mode, k0 = n in independent mode); only the short prefix of n
+        coarse tokens runs with the mask."""
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3x (B, H, L, Dh)
+        if split is not None:
+            n, k0 = split
+            pre = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], attn_mask=mask[:n, :n])
+            fine = F.scaled_dot_product_attention(q[:, :, n:], k[:, :, k0:], v[:, :, k0:])
+            out = torch.cat([pre, fine], dim=2)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden, bias=True):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block (the paper's Appendix E: no qkv bias, no MLP bias, LayerNorm eps 1e-6)."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0, bias=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, qkv_bias=bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), bias=bias)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, mask=None, split=None):
+        x = x + self.drop_path(self.attn(self.norm1(x), mask, split))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def init_vit(module):
+    """ViT initialisation (the paper: truncated normal, std 0.02): linears and convs, zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration (one dataclass; presets in section 11 are dicts of overrides)
+
+
+@dataclass
+class HieraTokConfig:
+    image_size: int = 256            # input resolution (square)
+    patch_size: int = 16             # encoder patch; the latent grid is image_size / patch_size
+    enc_depth: int = 6               # encoder blocks
+    enc_dim: int = 768               # encoder width
+    enc_heads: int = 12              # encoder attention heads
+    dec_depth: int = 24              # decoder blocks
+    dec_dim: int = 1024              # decoder width
+    dec_heads: int = 16              # decoder attention heads
+    mlp_ratio: float = 4.0           # MLP hidden = mlp_ratio * width
+    drop_path: float = 0.1           # decoder stochastic depth (encoder uses none, as in the paper)
+    latent_dim: int = 16             # d, channels of the KL latent z
+    scales: tuple = (1, 2, 4, 8, 16)  # token-map sides, coarse to fine; last = latent grid; (16,) = single scale
+    downsampler: str = "conv"        # "conv" (learned, ViTDet-style) | "interp" (area pooling)
+    attention: str = "causal"        # "causal" | "independent" | "full"
+    attn_split: bool = True          # exact mask-free path for the finest scale (see Attention)
+    l1_weight: float = 1.0           # per-pixel L1
+    mse_weight: float = 0.4          # per-pixel MSE
+    lpips_weight: float = 1.0        # LPIPS (VGG), only on scales of at least LPIPS_MIN_SIZE px
+    kl_weight: float = 1e-6          # KL to N(0, I), summed over latent elements, mean over batch
+
+    def __post_init__(self):
+        self.scales = tuple(int(s) for s in self.scales)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
+                             f"pick sizes with image_size = k * patch_size")
+        grid = self.grid
+        if any(b <= a for a, b in zip(self.scales, self.scales[1:])) or self.scales[0] < 1:
+            raise ValueError(f"scales {list(self.scales)} must be positive and strictly increasing (coarse to fine)")
+        if self.scales[-1] != grid:
+            raise ValueError(f"scales {list(self.scales)} must end with the full latent grid {grid} "
+                             f"(image_size / patch_size)")
+        if self.downsampler not in ("conv", "interp"):
+            raise ValueError(f"unknown downsampler {self.downsampler!r}; use 'conv' or 'interp'")
+        if self.attention not in ("causal", "independent", "full"):
+            raise ValueError(f"unknown attention {self.attention!r}; use 'causal', 'independent' or 'full'")
+
+    @property
+    def grid(self):
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self):
+        return sum(s * s for s in self.scales)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Encoder
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) -> posterior moments (B, 2d, S, S) with S = H / patch_size."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.grid = cfg.grid
+        self.patch_embed = nn.Conv2d(3, cfg.enc_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid ** 2, cfg.enc_dim))
+        self.blocks = nn.ModuleList(Block(cfg.enc_dim, cfg.enc_heads, cfg.mlp_ratio) for _ in range(cfg.enc_depth))
+        self.norm = nn.LayerNorm(cfg.enc_dim, eps=1e-6)
+        self.to_moments = nn.Linear(cfg.enc_dim, 2 * cfg.latent_dim)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, S*S, D)
+        for blk in self.blocks:
+            x = blk(x)
+        m = self.to_moments(self.norm(x))                                    # (B, S*S, 2d)
+        return m.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)  # (B, 2d, S, S)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Downsampler
+
+
+class ScaleDown(nn.Module):
+    """One coarse scale of the learned pyramid (ViTDet's simple feature pyramid, three convs):
+    a depthwise resampling conv (kernel = stride = S/s when s divides S, else a valid conv of
+    kernel S-s+1, so any s < S works), then 1x1 and 3x3 convs, each followed by a LayerNorm2d."""
+
+    def __init__(self, dim, S, s):
+        super().__init__()
+        k, stride = (S // s, S // s) if S % s == 0 else (S - s + 1, 1)
+        self.net = nn.Sequential(
+            nn.Conv2d(dim, dim, k, stride=stride, groups=dim, bias=False), LayerNorm2d(dim, eps=1e-6),
+            nn.Conv2d(dim, dim, 1, bias=False), LayerNorm2d(dim, eps=1e-6),
+            nn.Conv2d(dim, dim, 3, padding=1, bias=False), LayerNorm2d(dim, eps=1e-6))
+
+    def forward(self, h):
+        return self.net(h)
+
+
+class Downsampler(nn.Module):
+    """Full-resolution token map h (B, D, S, S) -> list of maps (B, D, s, s), coarse to fine.
+    The finest entry is h itself. 'interp' is area pooling (parameter free)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.scales, self.mode = cfg.scales, cfg.downsampler
+        if self.mode == "conv":
+            self.down = nn.ModuleList(ScaleDown(cfg.dec_dim, cfg.grid, s) for s in cfg.scales[:-1])
+
+    def forward(self, h):
+        if self.mode == "interp":
+            coarse = [F.adaptive_avg_pool2d(h, s) for s in self.scales[:-1]]
+        else:
+            coarse = [down(h) for down in self.down]
+        return coarse + [h]
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Decoder
+
+
+def scale_mask(scales, attention):
+    """Boolean (L, L) mask from each token's scale index; True = query (row) may see key (column).
+    None for 'full' attention or a single scale, so SDPA runs its fastest unmasked kernel."""
+    if attention == "full" or len(scales) == 1:
+        return None
+    idx = torch.cat([torch.full((s * s,), i) for i, s in enumerate(scales)])  # (L,)
+    return idx[None, :] <= idx[:, None] if attention == "causal" else idx[None, :] == idx[:, None]
+
+
+class Decoder(nn.Module):
+    """Coarse-to-fine token sequence (B, L, D) -> one image per scale, coarse to fine."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D, p = cfg.dec_dim, cfg.patch_size
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.dec_heads, cfg.mlp_ratio, cfg.drop_path * i / max(cfg.dec_depth - 1, 1))
+            for i in range(cfg.dec_depth))
+        self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(D, eps=1e-6), nn.Linear(D, p * p * 3))
+                                   for _ in cfg.scales)
+        self.register_buffer("mask", scale_mask(cfg.scales, cfg.attention), persistent=False)
+        self.bounds = [0]                                    # per-scale token offsets into the sequence
+        for s in cfg.scales:
+            self.bounds.append(self.bounds[-1] + s * s)
+        # split path: the finest scale sees every key (causal) or only itself (independent), so it
+        # needs no mask; with no mask at all (full, single scale) there is nothing to split.
+        n = self.bounds[-2]
+        self.split = (n, 0 if cfg.attention == "causal" else n) if cfg.attn_split and self.mask is not None else None
+
+    def forward(self, tokens):
+        x = tokens
+        for blk in self.blocks:
+            x = blk(x, self.mask, self.split)
+        out = []
+        for i, (s, head) in enumerate(zip(self.cfg.scales, self.heads)):
+            xs = head(x[:, self.bounds[i]:self.bounds[i + 1]])         # (B, s*s, p*p*3)
+            out.append(unpatchify(xs, self.cfg.patch_size, s))        # (B, 3, s*p, s*p)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Tokenizer
+
+
+class HieraTok(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D, S = cfg.dec_dim, cfg.grid
+        self.encoder = Encoder(cfg)
+        self.latent_proj = nn.Linear(cfg.latent_dim, D)                 # z -> decoder width, per token
+        self.downsampler = Downsampler(cfg)
+        self.pos_table = nn.Parameter(torch.zeros(1, D, S, S))          # spatial table at the full grid
+        self.scale_embed = nn.Parameter(torch.zeros(len(cfg.scales), D))  # one embedding per scale
+        self.decoder = Decoder(cfg)
+        init_vit(self)
+        for p in (self.encoder.pos_embed, self.pos_table, self.scale_embed):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    def encode(self, x, sample=True):
+        """x (B, 3, H, W) in [-1, 1] -> (mean, logvar, z), each (B, d, S, S). z is a posterior sample
+        when `sample`, else the mean."""
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+        return mean, logvar, z
+
+    def tokens(self, z):
+        """z (B, d, S, S) -> coarse-to-fine decoder tokens (B, L, D) with L = sum(s*s)."""
+        h = self.latent_proj(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, D, S, S)
+        seq = []
+        for i, m in enumerate(self.downsampler(h)):
+            s = m.shape[-1]
+            pos = F.adaptive_avg_pool2d(self.pos_table, s) + self.scale_embed[i][:, None, None]  # (1, D, s, s)
+            seq.append((m + pos).flatten(2).transpose(1, 2))             # (B, s*s, D)
+        return torch.cat(seq, dim=1)
+
+    def decode_tokens(self, tokens):
+        """(B, L, D) -> list of images (B, 3, s*p, s*p), coarse to fine."""
+        return self.decoder(tokens)
+
+    def decode(self, z):
+        """z (B, d, S, S) -> list of images, one per scale, coarse to fine; the last is full size."""
+        return self.decode_tokens(self.tokens(z))
+
+    def forward(self, x, sample=True):
+        mean, logvar, z = self.encode(x, sample)
+        return self.decode(z), mean, logvar
+
+    def loss(self, x, lpips=None, sample=True):
+        """Stage-1 objective. Returns (total, recons, terms): recons is the list of per-scale images
+        (for the GAN stage); terms holds every term per scale, detached, for logging."""
+        recons, mean, logvar = self(x, sample)
+        cfg, terms, rec_total = self.cfg, {}, 0.0
+        for s, r in zip(cfg.scales, recons):
+            t = x if r.shape[-1] == x.shape[-1] else F.interpolate(x, size=r.shape[-2:], mode="area")
+            r = r.float()
+            l1, mse = (r - t).abs().mean(), (r - t).square().mean()
+            rec = cfg.l1_weight * l1 + cfg.mse_weight * mse
+            terms[f"l1_s{s}"], terms[f"mse_s{s}"] = l1.detach(), mse.detach()
+            if lpips is not None and cfg.lpips_weight > 0 and r.shape[-1] >= LPIPS_MIN_SIZE:
+                lp = lpips(r, t).mean()
+                rec = rec + cfg.lpips_weight * lp
+                terms[f"lpips_s{s}"] = lp.detach()
+            terms[f"rec_s{s}"] = rec.detach()
+            rec_total = rec_total + rec / len(cfg.scales)              # equal weight per scale
+        kl = kl_divergence(mean.float(), logvar.float())
+        terms["rec"], terms["kl"] = rec_total.detach(), kl.detach()
+        return rec_total + cfg.kl_weight * kl, recons, terms
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Losses
+
+
+def kl_divergence(mean, logvar):
+    """KL(N(mean, exp(logvar)) || N(0, I)), summed over latent elements, averaged over the batch."""
+    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
+
+
+def build_lpips(weights=None, random_backbone=False):
+    """Frozen LPIPS-VGG in eval mode. The learned linear layers ship with the `lpips` package; the
+    VGG16 backbone is torchvision's, read from `weights` or the torch hub cache, never downloaded.
+    random_backbone=True (tests) uses an untrained VGG: same cost, no weights needed."""
+    import lpips as lpips_pkg
+    import torchvision
+
+    path = weights or os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
+    if not random_backbone and not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"LPIPS needs torchvision's VGG16 weights and found none at {path}. Either pass "
+            f"--lpips_weights /path/to/{VGG16_FILE}, or fill the torch cache once on a machine with internet "
+            f"(python -c \"import torchvision; torchvision.models.vgg16(weights='IMAGENET1K_V1')\") and copy "
+            f"{torch.hub.get_dir()}/checkpoints/{VGG16_FILE} here; or set the LPIPS weight to 0.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lpips_pkg.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    if not random_backbone:
+        vgg = torchvision.models.vgg16()
+        vgg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        for piece in (model.net.slice1, model.net.slice2, model.net.slice3, model.net.slice4, model.net.slice5):
+            for name, layer in piece.named_children():                # children are named by VGG index
+                layer.load_state_dict(vgg.features[int(name)].state_dict())
+    model.eval().requires_grad_(False)
+    return model
+
+
+class Discriminator(nn.Module):
+    """PatchGAN (pix2pix / VQGAN): strided 4x4 convs to a map of real/fake logits. GroupNorm in place
+    of BatchNorm: no batch statistics to synchronise across ranks, same behaviour in train and eval."""
+
+    def __init__(self, ch=64, n_layers=3):
+        super().__init__()
+        layers, c = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2, True)], ch
+        for i in range(1, n_layers + 1):
+            c_out = ch * min(2 ** i, 8)
+            layers += [nn.Conv2d(c, c_out, 4, 2 if i < n_layers else 1, 1, bias=False),
+                       nn.GroupNorm(32, c_out), nn.LeakyReLU(0.2, True)]
+            c = c_out
+        layers.append(nn.Conv2d(c, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def adaptive_weight(rec_loss, g_loss, last_layer, max_weight=1e4):
+    """VQGAN's balance: ||grad rec|| / ||grad gan|| at the decoder's last layer, so the adversarial
+    term neither swamps nor vanishes next to the reconstruction term."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+class VFLoss(nn.Module):
+    """VA-VAE's vision-foundation alignment (the scaled-up recipe). The latent z is projected to the
+    feature width by a learnable 1x1 layer and aligned with a frozen network's patch features:
+      - margin cosine similarity, per position:    relu(1 - m1 - cos(z'_i, f_i))
+      - margin distance-matrix similarity, across positions: relu(|cos(z'_i, z'_j) - cos(f_i, f_j)| - m2)
+    `features` is any frozen module mapping images (B, 3, H, W) in [-1, 1] to (B, N, C) patch
+    features; they are resized to the latent grid. See `dinov2_features` for the default."""
+
+    def __init__(self, features, feat_dim, latent_dim, m_cos=0.5, m_dist=0.25):
+        super().__init__()
+        self.features = features.eval().requires_grad_(False)
+        self.proj = nn.Linear(latent_dim, feat_dim)
+        self.m_cos, self.m_dist = m_cos, m_dist
+
+    def train(self, mode=True):                              # the feature network stays in eval mode
+        super().train(mode)
+        self.features.eval()
+        return self
+
+    def target(self, x, grid):
+        """Frozen features of x resized to the latent grid: (B, grid*grid, C), no gradient."""
+        with torch.no_grad():
+            f = self.features(x).float()                     # (B, N, C)
+            n = int(round(math.sqrt(f.shape[1])))
+            f = f.transpose(1, 2).reshape(f.shape[0], -1, n, n)  # (B, C, n, n)
+            f = F.interpolate(f, size=(grid, grid), mode="bilinear", align_corners=False) if n != grid else f
+        return f.flatten(2).transpose(1, 2)                  # (B, grid*grid, C)
+
+    def forward(self, z, x):
+        zp = F.normalize(self.proj(z.flatten(2).transpose(1, 2).float()), dim=-1)  # (B, N, C)
+        f = F.normalize(self.target(x, z.shape[-1]), dim=-1)                        # (B, N, C)
+        l_cos = F.relu(1.0 - self.m_cos - (zp * f).sum(-1)).mean()
+        l_dist = F.relu((zp @ zp.transpose(1, 2) - f @ f.transpose(1, 2)).abs() - self.m_dist).mean()
+        return l_cos + l_dist
+
+
+class DINOv2Features(nn.Module):
+    """Patch features of DINOv2 ViT-B/14 from a local torch-hub checkout and weight file (no
+    download): images in [-1, 1] -> ImageNet normalisation at 224 px -> (B, 256, 768)."""
+
+    def __init__(self, weights, repo=None):
+        super().__init__()
+        repo = repo or os.path.join(torch.hub.get_dir(), "facebookresearch_dinov2_main")
+        if not os.path.isfile(weights or ""):
+            raise FileNotFoundError(f"VF loss: no DINOv2 weight file at {weights!r}; pass --vf_weights "
+                                    f"/path/to/dinov2_vitb14_pretrain.pth (and --vf_repo, a local DINOv2 checkout)")
+        if not os.path.isdir(repo):
+            raise FileNotFoundError(f"VF loss: no DINOv2 code at {repo}; pass --vf_repo /path/to/a/dinov2/checkout")
+        self.net = torch.hub.load(repo, "dinov2_vitb14", source="local", pretrained=False)
+        self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.dim = 768
+
+    def forward(self, x):
+        x = F.interpolate((x + 1) / 2, size=(224, 224), mode="bicubic", align_corners=False)
+        return self.net.forward_features((x - self.mean) / self.std)["x_norm_patchtokens"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. DiT (Peebles & Xie, 2023)
+
+
+@dataclass
+class DiTConfig:
+    input_size: int = 16             # latent grid side (the tokenizer's image_size / patch_size)
+    in_channels: int = 16            # latent channels d
+    patch_size: int = 1              # DiT patch on the latent; 1 on 16x16 gives 256 tokens
+    depth: int = 28                  # blocks
+    dim: int = 1152                  # width
+    heads: int = 16                  # attention heads
+    mlp_ratio: float = 4.0           # MLP hidden = mlp_ratio * width
+    num_classes: int = IMAGENET_CLASSES  # class labels; index num_classes is the null class for CFG
+    class_dropout: float = 0.1       # label dropout in training, for classifier-free guidance
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> sinusoidal features of 1000 t (DiT's frequency range) -> MLP -> (B, D)."""
+
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = 1000 * t.float()[:, None] * freqs[None]                    # (B, half)
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(c).chunk(6, dim=1)       # 6x (B, D), once per sample
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1))
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+class DiT(nn.Module):
+    """Velocity model v(x_t, t, y): (B, C, H, W), (B,), (B,) -> (B, C, H, W). It also holds the
+    per-channel latent statistics (buffers, saved with it): `normalize` before training,
+    `denormalize` after sampling."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D, p, C = cfg.dim, cfg.patch_size, cfg.in_channels
+        self.grid = cfg.input_size // p
+        self.x_embed = nn.Conv2d(C, D, p, stride=p)
+        self.t_embed = TimestepEmbedder(D)
+        self.y_embed = nn.Embedding(cfg.num_classes + 1, D)               # last row: the null class
+        self.register_buffer("pos_embed", sincos_2d(D, self.grid)[None], persistent=False)  # (1, L, D)
+        self.blocks = nn.ModuleList(DiTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm_final = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        self.head = nn.Linear(D, p * p * C)
+        self.register_buffer("latent_mean", torch.zeros(1, C, 1, 1))
+        self.register_buffer("latent_std", torch.ones(1, C, 1, 1))
+        self.initialize()
+
+    def initialize(self):
+        """All of DiT's initialisation in one place."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embed.weight                                           # patch embed as a linear layer
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embed.bias)
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        for m in self.t_embed.mlp[0::2]:
+            nn.init.normal_(m.weight, std=0.02)
+        # adaLN-Zero: every modulation and the output layer start at zero, so each block's gates are
+        # zero (the block is the identity) and the model's first prediction is exactly 0. This is
+        # what lets deep DiTs train stably from the first step.
+        for layer in [blk.adaLN[-1] for blk in self.blocks] + [self.adaLN_final[-1], self.head]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, y):
+        x = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, L, D)
+        c = self.t_embed(t) + self.y_embed(y)                            # (B, D)
+        for blk in self.blocks:
+            x = blk(x, c)
+        shift, scale = self.adaLN_final(c).chunk(2, dim=1)
+        x = self.head(modulate(self.norm_final(x), shift, scale))        # (B, L, p*p*C)
+        p, C, g = self.cfg.patch_size, self.cfg.in_channels, self.grid
+        x = x.reshape(x.shape[0], g, g, p, p, C)                         # (B, g, g, p, p, C)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], C, g * p, g * p)
+
+    def set_latent_stats(self, mean, std):
+        """Per-channel statistics (C,) of the tokenizer's latents on training data."""
+        self.latent_mean.copy_(mean.view(1, -1, 1, 1))
+        self.latent_std.copy_(std.view(1, -1, 1, 1).clamp_min(1e-6))
+
+    def normalize(self, z):
+        return (z - self.latent_mean) / self.latent_std
+
+    def denormalize(self, x):
+        return x * self.latent_std + self.latent_mean
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Flow matching: x_t = (1 - t) x0 + t eps, t = 0 data, t = 1 noise, target v = eps - x0
+
+
+def flow_matching_loss(model, x0, y, t_dist="logit_normal", label_drop=0.1):
+    """x0: normalised latents (B, C, H, W); y: labels (B,). Returns the mean squared velocity error.
+    Labels are replaced by the null class with probability label_drop (for CFG)."""
+    B = x0.shape[0]
+    t = torch.sigmoid(torch.randn(B, device=x0.device)) if t_dist == "logit_normal" else torch.rand(B, device=x0.device)
+    eps = torch.randn_like(x0)
+    tb = t.view(B, 1, 1, 1)
+    xt = (1 - tb) * x0 + tb * eps
+    if label_drop > 0:
+        y = torch.where(torch.rand(B, device=y.device) < label_drop, torch.full_like(y, model_cfg(model).num_classes), y)
+    return (model(xt, t, y).float() - (eps - x0).float()).square().mean()
+
+
+def model_cfg(model):
+    """The config of a model that may be wrapped by DDP or torch.compile."""
+    while not hasattr(model, "cfg"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model.cfg
+
+
+def guided_velocity(model, x, t, y, cfg_scale=1.0, interval=(0.0, 1.0)):
+    """Classifier-free guidance on all channels: v_u + w (v_c - v_u) while t lies in `interval`,
+    the conditional velocity outside it (and whenever w = 1, at half the cost). t is a float."""
+    tt = torch.full((x.shape[0],), t, device=x.device)
+    if cfg_scale == 1.0 or not interval[0] <= t <= interval[1]:
+        return model(x, tt, y)
+    null = torch.full_like(y, model_cfg(model).num_classes)
+    v_c, v_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).chunk(2)
+    return v_u + cfg_scale * (v_c - v_u)
+
+
+def seeded_noise(seeds, shape, device="cpu"):
+    """One N(0, I) tensor of `shape` per seed, drawn on the CPU from that seed alone, so sample i
+    is the same whatever the batch it is in or the number of GPUs."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+
+
+@torch.no_grad()
+def sample_latents(model, y, seeds, steps=50, method="heun", cfg_scale=1.0, interval=(0.0, 1.0)):
+    """Integrate dx/dt = v from t = 1 (noise) to t = 0 (data) with Euler or Heun steps; returns
+    latents in the tokenizer's units (denormalised)."""
+    cfg = model_cfg(model)
+    x = seeded_noise(seeds, (cfg.in_channels, cfg.input_size, cfg.input_size), y.device)
+    ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        v = guided_velocity(model, x, t, y, cfg_scale, interval)
+        x_next = x + (t_next - t) * v
+        if method == "heun" and t_next > 0:                  # trapezoidal correction, except into t = 0
+            v_next = guided_velocity(model, x_next, t_next, y, cfg_scale, interval)
+            x_next = x + (t_next - t) * 0.5 * (v + v_next)
+        x = x_next
+    stats = model.module if hasattr(model, "module") else getattr(model, "_orig_mod", model)
+    return stats.denormalize(x.float())
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. FLOPs (forward, per image; a training step is about 3x)
+
+
+def vit_block_flops(L, D, mlp_ratio=4.0):
+    """QKV + output projections (4 L D^2), MLP (2 r L D^2), scores and weighted sum (2 L^2 D), x2
+    for multiply-add. With r = 4 this is DESIGN.md's 2 (12 L D^2 + 2 L^2 D)."""
+    return 2 * ((4 + 2 * mlp_ratio) * L * D * D + 2 * L * L * D)
+
+
+def tokenizer_flops(cfg):
+    S, p, d, De, Dd = cfg.grid, cfg.patch_size, cfg.latent_dim, cfg.enc_dim, cfg.dec_dim
+    L, N = cfg.num_tokens, S * S
+    f = 2 * N * 3 * p * p * De + cfg.enc_depth * vit_block_flops(N, De, cfg.mlp_ratio) + 2 * N * De * 2 * d
+    f += 2 * N * d * Dd                                                  # latent projection
+    if cfg.downsampler == "conv":
+        for s in cfg.scales[:-1]:
+            k = S // s if S % s == 0 else S - s + 1
+            f += 2 * s * s * Dd * (k * k + Dd + 9 * Dd)                  # depthwise, 1x1, 3x3
+    return f + cfg.dec_depth * vit_block_flops(L, Dd, cfg.mlp_ratio) + 2 * L * Dd * 3 * p * p
+
+
+def dit_flops(cfg):
+    """adaLN projections act on one conditioning vector per sample, so they count once, not per token."""
+    L, D, pc = (cfg.input_size // cfg.patch_size) ** 2, cfg.dim, cfg.patch_size ** 2 * cfg.in_channels
+    per_sample = 2 * (256 * D + D * D) + cfg.depth * 2 * D * 6 * D + 2 * D * 2 * D
+    return 2 * L * pc * D + cfg.depth * vit_block_flops(L, D, cfg.mlp_ratio) + 2 * L * D * pc + per_sample
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. Presets and checkpoints
+
+TOKENIZER_PRESETS = {
+    "tiny": dict(image_size=32, patch_size=4, enc_depth=2, enc_dim=64, enc_heads=4, dec_depth=2, dec_dim=64,
+                 dec_heads=4, drop_path=0.0, latent_dim=4, scales=(1, 2, 4, 8), lpips_weight=0.0),
+    "paper-f16d16": dict(),                                    # the dataclass defaults are the paper's
+    "paper-f16d32": dict(latent_dim=32),
+    "paper-f16d16-single": dict(scales=(16,)),
+    "paper-f16d32-single": dict(latent_dim=32, scales=(16,)),
+}
+DIT_PRESETS = {
+    "tiny": dict(depth=2, dim=64, heads=4),
+    "S": dict(depth=12, dim=384, heads=6),
+    "B": dict(depth=12, dim=768, heads=12),
+    "L": dict(depth=24, dim=1024, heads=16),
+    "XL": dict(depth=28, dim=1152, heads=16),
+}
+
+
+def preset(table, name, **overrides):
+    if name not in table:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(table)}")
+    return {**table[name], **overrides}
+
+
+def tokenizer_config(name, **overrides):
+    return HieraTokConfig(**preset(TOKENIZER_PRESETS, name, **overrides))
+
+
+def dit_config(name, tok_cfg, **overrides):
+    """A DiT preset sized for the latent of the tokenizer config `tok_cfg`."""
+    return DiTConfig(**preset(DIT_PRESETS, name, input_size=tok_cfg.grid, in_channels=tok_cfg.latent_dim, **overrides))
+
+
+def config_dict(cfg):
+    """A config as a plain dict (lists, not tuples) that torch.load(weights_only=True) reads back."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+
+
+def save_checkpoint(obj, path):
+    """Atomic write: a temporary file in the same directory, then a rename. A run killed mid-write
+    leaves the previous checkpoint intact and never a half-written file under the real name."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+CONFIG_CLASSES = {"tokenizer": HieraTokConfig, "gan": HieraTokConfig, "dit": DiTConfig}
+MODEL_CLASSES = {"tokenizer": HieraTok, "gan": HieraTok, "dit": DiT}
+
+
+def load_checkpoint(path, kinds=("tokenizer", "gan", "dit")):
+    """Read a checkpoint on the CPU and check it is one of `kinds` (its 'job'). Returns the dict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with train.py or check the path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"{path} is not a readable HieraTok checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "job" not in ckpt or "config" not in ckpt:
+        raise RuntimeError(f"{path} is not a HieraTok checkpoint (no 'job'/'config' entries)")
+    if ckpt["job"] not in kinds:
+        raise ValueError(f"{path} is a {ckpt['job']!r} checkpoint, but a {' or '.join(kinds)} checkpoint is needed here")
+    return ckpt
+
+
+def check_config(ckpt, cfg, path):
+    """Refuse a checkpoint whose model config differs from `cfg`, naming the differing fields."""
+    saved, now = ckpt["config"], config_dict(cfg)
+    diff = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{path} was trained with a different config ({lines}); use matching flags or a new --out directory")
+
+
+def model_from_checkpoint(path, kinds=("tokenizer", "gan", "dit"), ema=True):
+    """Build the model a checkpoint holds, with its EMA weights when present and `ema`. Returns
+    (model in eval mode, checkpoint dict). The one loading path shared by train.py and sample.py."""
+    ckpt = load_checkpoint(path, kinds)
+    job = ckpt["job"]
+    model = MODEL_CLASSES[job](CONFIG_CLASSES[job](**ckpt["config"]))
+    state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+    model.load_state_dict(state)
+    return model.eval(), ckpt

