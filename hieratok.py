@@ -363,25 +363,33 @@ class HieraTok(nn.Module):
         return self.decode(z), mean, logvar
 
     def loss(self, x, lpips=None, sample=True):
-        """Stage-1 objective. Returns (total, recons, terms): recons is the list of per-scale images
-        (for the GAN stage); terms holds every term per scale, detached, for logging."""
+        """Stage-1 objective on a batch: (total, recons, terms); see `reconstruction_loss`."""
         recons, mean, logvar = self(x, sample)
-        cfg, terms, rec_total = self.cfg, {}, 0.0
-        for s, r in zip(cfg.scales, recons):
-            t = x if r.shape[-1] == x.shape[-1] else F.interpolate(x, size=r.shape[-2:], mode="area")
-            r = r.float()
-            l1, mse = (r - t).abs().mean(), (r - t).square().mean()
-            rec = cfg.l1_weight * l1 + cfg.mse_weight * mse
-            terms[f"l1_s{s}"], terms[f"mse_s{s}"] = l1.detach(), mse.detach()
-            if lpips is not None and cfg.lpips_weight > 0 and r.shape[-1] >= LPIPS_MIN_SIZE:
-                lp = lpips(r, t).mean()
-                rec = rec + cfg.lpips_weight * lp
-                terms[f"lpips_s{s}"] = lp.detach()
-            terms[f"rec_s{s}"] = rec.detach()
-            rec_total = rec_total + rec / len(cfg.scales)              # equal weight per scale
-        kl = kl_divergence(mean.float(), logvar.float())
-        terms["rec"], terms["kl"] = rec_total.detach(), kl.detach()
-        return rec_total + cfg.kl_weight * kl, recons, terms
+        total, terms = reconstruction_loss(self.cfg, x, recons, mean, logvar, lpips)
+        return total, recons, terms
+
+
+def reconstruction_loss(cfg, x, recons, mean, logvar, lpips=None):
+    """L1 + 0.4 MSE + LPIPS per scale against the input area-downsampled to that scale, scales
+    averaged with equal weight, plus the KL term. Returns (total, terms) where terms holds every
+    term per scale, detached, for logging. Takes the model's outputs rather than the model, so
+    train.py can call the model through DDP / torch.compile and still share this one loss."""
+    terms, rec_total = {}, 0.0
+    for s, r in zip(cfg.scales, recons):
+        t = x if r.shape[-1] == x.shape[-1] else F.interpolate(x, size=r.shape[-2:], mode="area")
+        r = r.float()
+        l1, mse = (r - t).abs().mean(), (r - t).square().mean()
+        rec = cfg.l1_weight * l1 + cfg.mse_weight * mse
+        terms[f"l1_s{s}"], terms[f"mse_s{s}"] = l1.detach(), mse.detach()
+        if lpips is not None and cfg.lpips_weight > 0 and r.shape[-1] >= LPIPS_MIN_SIZE:
+            lp = lpips(r, t).mean()
+            rec = rec + cfg.lpips_weight * lp
+            terms[f"lpips_s{s}"] = lp.detach()
+        terms[f"rec_s{s}"] = rec.detach()
+        rec_total = rec_total + rec / len(cfg.scales)              # equal weight per scale
+    kl = kl_divergence(mean.float(), logvar.float())
+    terms["rec"], terms["kl"] = rec_total.detach(), kl.detach()
+    return rec_total + cfg.kl_weight * kl, terms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -811,3 +819,131 @@ def model_from_checkpoint(path, kinds=("tokenizer", "gan", "dit"), ema=True):
     state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
     model.load_state_dict(state)
     return model.eval(), ckpt
+
+
+def find_checkpoints(out_dir):
+    """Checkpoint files of a run directory, oldest first (names sort by zero-padded step)."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
+
+
+def resolve_checkpoint(path):
+    """A checkpoint file, or a run directory standing for its newest checkpoint."""
+    if os.path.isdir(path):
+        found = find_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"run directory {path} holds no checkpoint (ckpt_*.pt); train first or check the path")
+        return found[-1]
+    return path
+
+
+def peak_flops(device):
+    """Dense bf16 peak FLOP/s of the GPU, for MFU; None where unknown (CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)):
+        if key in name:
+            return peak
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. Data: ImageFolder with ADM center crop, and a built-in procedural dataset
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG")
+
+
+def center_crop_arr(img, size):
+    """ADM's center crop: halve with a box filter while the image is at least twice the target,
+    resize the short side to `size` (bicubic), crop the center. PIL image -> uint8 (size, size, 3)."""
+    from PIL import Image
+    import numpy as np
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/class_name/image.ext -> (uint8 (3, size, size), label). Flips happen on the device in
+    train.py, from the checkpointed RNG, so that resume is exact. A file that cannot be decoded is
+    replaced by the next one and reported once (per loader process) with its path."""
+
+    def __init__(self, root, size):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data directory {root} does not exist; pass --data with an ImageFolder "
+                                    f"layout (root/class/img.jpg), or leave --data out for the built-in data")
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        self.files = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
+                      for f in sorted(os.listdir(os.path.join(root, c))) if f.endswith(IMAGE_EXTENSIONS)]
+        if not self.files:
+            raise FileNotFoundError(f"no images under {root}; expected root/class_name/image.jpg")
+        self.size, self.bad = size, set()
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        for j in range(len(self.files)):
+            path, label = self.files[(i + j) % len(self.files)]
+            try:
+                with Image.open(path) as img:
+                    arr = center_crop_arr(img.convert("RGB"), self.size)
+                return torch.from_numpy(arr.copy()).permute(2, 0, 1), label  # (3, size, size) uint8
+            except Exception as e:                                       # corrupt or unreadable file
+                if path not in self.bad:
+                    self.bad.add(path)
+                    warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})")
+        raise RuntimeError("no readable image in the dataset")
+
+
+class Shapes(torch.utils.data.Dataset):
+    """The built-in labelled dataset: procedural images of NUM_SHAPE_CLASSES classes (disc, square,
+    stripes, checkerboard, rings, gradient), random colours, positions, sizes and a noise texture.
+    Image i is a pure function of i, so every run and every rank sees the same data."""
+
+    classes = ["disc", "square", "stripes", "checker", "rings", "gradient"]
+
+    def __init__(self, size, length=4096):
+        self.size, self.length = size, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        import numpy as np
+        rng = np.random.default_rng(i)
+        label = i % len(self.classes)
+        n = self.size
+        yy, xx = np.mgrid[0:n, 0:n] / n                                    # (n, n) in [0, 1)
+        cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.35)
+        freq, angle = rng.uniform(3, 8), rng.uniform(0, np.pi)
+        u = xx * np.cos(angle) + yy * np.sin(angle)
+        mask = [
+            (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2,
+            (abs(yy - cy) < r) & (abs(xx - cx) < r),
+            np.sin(2 * np.pi * freq * u) > 0,
+            (np.floor(xx * freq) + np.floor(yy * freq)) % 2 == 0,
+            np.sin(2 * np.pi * freq * np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)) > 0,
+            u / (np.cos(angle) + np.sin(angle) + 1e-6),
+        ][label].astype(np.float64)
+        fg, bg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        img = mask[..., None] * fg + (1 - mask[..., None]) * bg + rng.normal(0, 8, (n, n, 3))
+        return torch.from_numpy(img.clip(0, 255).astype(np.uint8)).permute(2, 0, 1), label  # (3, n, n)
+
+
+def dataset(path, size):
+    """ImageFolder at `path`, or the built-in Shapes data when path is None."""
+    return Shapes(size) if path is None else ImageFolder(path, size)
+
+
+def to_float(x):
+    """uint8 images (B, 3, H, W) -> float in [-1, 1]."""
+    return x.float() / 127.5 - 1.0
