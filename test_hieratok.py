@@ -266,3 +266,132 @@ def test_flow_matching_learns_class_latents():
     own = dist[torch.arange(16), y]
     others = dist.masked_fill(F.one_hot(y, 4).bool(), float("inf")).min(1).values
     assert (own < 0.25 * others).all(), (own, others)
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py (subprocesses on the built-in data)
+
+TRAIN_FAST = ["--global_batch", "16", "--workers", "0", "--log_every", "2", "--deterministic"]
+
+
+def run(script, *argv, torchrun=0, check=True):
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+                              if torchrun else []) + [os.path.join(HERE, script), *map(str, argv)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, timeout=600)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def final_state(out_dir):
+    ckpt = H.load_checkpoint(H.resolve_checkpoint(str(out_dir)))
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def tok_run(tmp_path_factory):
+    """A tiny stage-1 tokenizer run shared by the DiT, GAN and sample.py tests."""
+    out = tmp_path_factory.mktemp("tok")
+    run("train.py", "--steps", 4, "--out", out, *TRAIN_FAST)
+    return out
+
+
+def test_train_jobs_end_to_end(tok_run, tmp_path):
+    ck = final_state(tok_run)
+    assert ck["job"] == "tokenizer" and ck["step"] == 4
+    model, _ = H.model_from_checkpoint(H.resolve_checkpoint(str(tok_run)))
+    assert isinstance(model, H.HieraTok)
+    run("train.py", "--job", "gan", "--init", tok_run, "--steps", 3, "--disc_start", 1, "--disc_ramp", 2,
+        "--out", tmp_path / "gan", *TRAIN_FAST)
+    ck = final_state(tmp_path / "gan")
+    assert ck["job"] == "gan" and "disc" in ck and ck["step"] == 3
+    run("train.py", "--job", "dit", "--tokenizer", tok_run, "--steps", 3, "--stats_batches", 2,
+        "--cache", tmp_path / "cache", "--out", tmp_path / "dit", *TRAIN_FAST)
+    dit, ck = H.model_from_checkpoint(H.resolve_checkpoint(str(tmp_path / "dit")), kinds=("dit",))
+    assert ck["ema"] is not None and not torch.equal(dit.latent_std, torch.ones_like(dit.latent_std))
+    assert os.listdir(tmp_path / "cache")
+
+
+def same_weights(a, b):
+    sa, sb = final_state(a), final_state(b)
+    assert sa["step"] == sb["step"]
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    for k in ("ema",):
+        if sa[k] is not None:
+            for n in sa[k]:
+                assert torch.equal(sa[k][n], sb[k][n]), n
+
+
+@pytest.mark.parametrize("job", ["tokenizer", "dit"])
+def test_resume_is_exact(job, tok_run, tmp_path):
+    extra = ["--job", "dit", "--tokenizer", tok_run, "--stats_batches", 2] if job == "dit" else []
+    run("train.py", "--steps", 6, "--out", tmp_path / "straight", *extra, *TRAIN_FAST)
+    run("train.py", "--steps", 6, "--stop_at", 3, "--out", tmp_path / "resumed", *extra, *TRAIN_FAST)
+    assert final_state(tmp_path / "resumed")["step"] == 3
+    res = run("train.py", "--steps", 6, "--out", tmp_path / "resumed", *extra, *TRAIN_FAST)
+    assert "resumed from" in res.stdout + res.stderr
+    same_weights(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_ddp_two_processes_agree(tmp_path):
+    run("train.py", "--steps", 3, "--out", tmp_path, *TRAIN_FAST, torchrun=2)
+    import json
+    sums = [json.loads(line)["weight_sum"] for line in open(tmp_path / "log.jsonl") if "weight_sum" in line]
+    assert sums and all(len(s) == 2 and s[0] == s[1] for s in sums), sums
+
+
+def write_folder(root, n=8, corrupt=True):
+    from PIL import Image
+    for c in ("a", "b"):
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(n):
+            arr = np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    if corrupt:
+        (root / "a" / "broken.png").write_bytes(b"not an image at all")
+
+
+def test_bad_input(tok_run, tmp_path):
+    write_folder(tmp_path / "data")
+    res = run("train.py", "--steps", 2, "--data", tmp_path / "data", "--out", tmp_path / "ok", *TRAIN_FAST)
+    assert "broken.png" in res.stderr and final_state(tmp_path / "ok")["step"] == 2
+    res = run("train.py", "--data", tmp_path / "nowhere", "--out", tmp_path / "x", *TRAIN_FAST, check=False)
+    assert res.returncode != 0 and "nowhere" in res.stdout and "does not exist" in res.stdout
+    res = run("train.py", "--preset", "gigantic", "--out", tmp_path / "x", *TRAIN_FAST, check=False)
+    assert res.returncode != 0 and "unknown preset 'gigantic'" in res.stdout
+    dit_dir = tmp_path / "dit"
+    run("train.py", "--job", "dit", "--tokenizer", tok_run, "--steps", 1, "--stats_batches", 1, "--out", dit_dir, *TRAIN_FAST)
+    res = run("train.py", "--job", "dit", "--tokenizer", dit_dir, "--out", tmp_path / "x", *TRAIN_FAST, check=False)
+    assert res.returncode != 0 and "is a 'dit' checkpoint" in res.stdout
+    res = run("train.py", "--job", "gan", "--init", dit_dir, "--out", tmp_path / "x", *TRAIN_FAST, check=False)
+    assert res.returncode != 0 and "is a 'dit' checkpoint" in res.stdout
+    res = run("train.py", "--out", dit_dir, *TRAIN_FAST, check=False)         # resuming a DiT run as a tokenizer
+    assert res.returncode != 0 and "is a 'dit' checkpoint" in res.stdout
+    res = run("train.py", "--out", tok_run, "--attention", "full", *TRAIN_FAST, check=False)
+    assert res.returncode != 0 and "different config" in res.stdout and "attention" in res.stdout
+
+
+def test_killed_run_resumes(tmp_path):
+    import json
+    import signal
+    import time
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--steps", 400, "--ckpt_every", 2, "--out", tmp_path,
+           *TRAIN_FAST]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and len(H.find_checkpoints(str(tmp_path))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)                           # killed mid-training, maybe mid-write
+    proc.wait()
+    found = H.find_checkpoints(str(tmp_path))
+    assert found, "no checkpoint before the kill"
+    for f in found:                                            # every file under a checkpoint name is whole
+        H.load_checkpoint(f)
+    last = H.load_checkpoint(found[-1])["step"]
+    res = run("train.py", "--steps", last + 2, "--ckpt_every", 2, "--out", tmp_path, *TRAIN_FAST)
+    assert f"resumed from {found[-1]}" in res.stdout + res.stderr
+    assert final_state(tmp_path)["step"] == last + 2
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
