@@ -395,3 +395,83 @@ def test_killed_run_resumes(tmp_path):
     assert f"resumed from {found[-1]}" in res.stdout + res.stderr
     assert final_state(tmp_path)["step"] == last + 2
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------------------------
+# sample.py
+
+import sample as S  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dit_run(tok_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dit")
+    run("train.py", "--job", "dit", "--tokenizer", tok_run, "--steps", 2, "--stats_batches", 1, "--out", out, *TRAIN_FAST)
+    return out
+
+
+def load_npz(path):
+    with np.load(path) as f:
+        return f["arr_0"]
+
+
+def test_sample_modes(tok_run, dit_run, tmp_path):
+    run("sample.py", "--mode", "recon", "--ckpt", tok_run, "--num_images", 12, "--batch", 5, "--workers", 0,
+        "--lpips", "random", "--out", tmp_path / "r")
+    for name in ("ref.npz", "recon.npz"):
+        a = load_npz(tmp_path / "r" / name)
+        assert a.shape == (12, 32, 32, 3) and a.dtype == np.uint8
+    import json
+    m = json.load(open(tmp_path / "r" / "recon_metrics.json"))
+    assert set(m) >= {"scale_1", "scale_8"} and m["scale_8"]["lpips"] is not None and m["scale_1"]["lpips"] is None
+    assert (tmp_path / "r" / "recon.png").exists()
+    run("sample.py", "--mode", "generate", "--ckpt", dit_run, "--num_samples", 5, "--steps", 3, "--cfg_scale", 2,
+        "--out", tmp_path / "g")
+    a = load_npz(tmp_path / "g" / "samples.npz")
+    assert a.shape == (5, 32, 32, 3) and a.dtype == np.uint8
+    assert (tmp_path / "g" / "samples_scales.png").exists()
+    run("sample.py", "--mode", "latent", "--ckpt", tok_run, "--num_images", 40, "--workers", 0, "--out", tmp_path / "l")
+    m = json.load(open(tmp_path / "l" / "latent_metrics.json"))
+    assert 0 <= m["gini"] <= 1 and 0 <= m["normalized_entropy"] <= 1 and set(m["equivariance_error"]) == {"scale_1", "scale_2", "scale_4"}
+    assert (tmp_path / "l" / "latent_density.png").exists()
+
+
+def test_sample_errors(tok_run, dit_run, tmp_path):
+    res = run("sample.py", "--mode", "recon", "--ckpt", tmp_path / "missing.pt", "--out", tmp_path / "o", check=False)
+    assert res.returncode != 0 and "no checkpoint at" in res.stderr
+    res = run("sample.py", "--mode", "generate", "--ckpt", tok_run, "--out", tmp_path / "o", check=False)
+    assert res.returncode != 0 and "is a 'tokenizer' checkpoint, but a dit checkpoint is needed" in res.stderr
+    res = run("sample.py", "--mode", "recon", "--ckpt", dit_run, "--out", tmp_path / "o", check=False)
+    assert res.returncode != 0 and "is a 'dit' checkpoint" in res.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = run("sample.py", "--mode", "recon", "--ckpt", tok_run, "--out", blocker / "sub", check=False)
+    assert res.returncode != 0 and "cannot write to output directory" in res.stderr
+
+
+def test_psnr_ssim():
+    torch.manual_seed(0)
+    a = torch.rand(2, 3, 32, 32) * 0.6 + 0.2
+    assert (S.psnr(a, a) == S.PSNR_CAP).all()
+    sign = torch.where(torch.rand_like(a) < 0.5, -1.0, 1.0)
+    torch.testing.assert_close(S.psnr(a, a + 0.1 * sign), torch.full((2,), 20.0))   # MSE 0.01 -> 20 dB
+    torch.testing.assert_close(S.ssim(a, a), torch.ones(2))
+    noisy = [S.ssim(a, (a + sd * torch.randn_like(a)).clamp(0, 1)).mean() for sd in (0.02, 0.1, 0.3)]
+    assert 1 > noisy[0] > noisy[1] > noisy[2]
+
+
+def test_gini_entropy():
+    n = 100
+    assert abs(S.gini(np.ones(n))) < 1e-12 and abs(S.normalized_entropy(np.ones(n)) - 1) < 1e-12
+    spike = np.zeros(n)
+    spike[7] = 1
+    assert abs(S.gini(spike) - (n - 1) / n) < 1e-12 and S.normalized_entropy(spike) == 0
+    assert abs(S.gini([1, 3]) - 0.25) < 1e-12          # (|1-3| summed both ways) / (2 n^2 mean) = 4 / 16
+
+
+def test_generation_same_on_one_and_two_processes(dit_run, tmp_path):
+    for procs, out in ((0, "one"), (2, "two")):
+        run("sample.py", "--mode", "generate", "--ckpt", dit_run, "--num_samples", 10, "--steps", 3, "--batch", 3,
+            "--out", tmp_path / out, torchrun=procs)
+    a, b = load_npz(tmp_path / "one" / "samples.npz"), load_npz(tmp_path / "two" / "samples.npz")
+    assert a.shape == (10, 32, 32, 3) and np.array_equal(a, b)
