@@ -277,15 +277,17 @@ def main(argv=None):
     p.add_argument("--sampler", default="heun", choices=["euler", "heun"], help="generate: ODE integrator")
     p.add_argument("--seed", type=int, default=0, help="generate: sample i uses seed * 1000003 + i")
     p.add_argument("--bins", type=int, default=64, help="latent: KDE grid side")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast on CUDA")
     args = p.parse_args(argv)
 
+    use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     ddp = "RANK" in os.environ
     if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True

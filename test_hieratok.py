@@ -336,7 +336,7 @@ def test_resume_is_exact(job, tok_run, tmp_path):
 
 
 def test_ddp_two_processes_agree(tmp_path):
-    run("train.py", "--steps", 3, "--out", tmp_path, *TRAIN_FAST, torchrun=2)
+    run("train.py", "--steps", 3, "--out", tmp_path, "--device", "cpu", *TRAIN_FAST, torchrun=2)
     import json
     sums = [json.loads(line)["weight_sum"] for line in open(tmp_path / "log.jsonl") if "weight_sum" in line]
     assert sums and all(len(s) == 2 and s[0] == s[1] for s in sums), sums
@@ -472,6 +472,40 @@ def test_gini_entropy():
 def test_generation_same_on_one_and_two_processes(dit_run, tmp_path):
     for procs, out in ((0, "one"), (2, "two")):
         run("sample.py", "--mode", "generate", "--ckpt", dit_run, "--num_samples", 10, "--steps", 3, "--batch", 3,
-            "--out", tmp_path / out, torchrun=procs)
+            "--device", "cpu", "--out", tmp_path / out, torchrun=procs)
     a, b = load_npz(tmp_path / "one" / "samples.npz"), load_npz(tmp_path / "two" / "samples.npz")
     assert a.shape == (10, 32, 32, 3) and np.array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA only: bf16 autocast, torch.compile, fused AdamW (skipped on machines without a GPU)
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda_only
+def test_cuda_bf16_compile_matches_eager():
+    torch.manual_seed(0)
+    model = H.HieraTok(small_cfg()).cuda().eval()
+    x = torch.rand(4, 3, 64, 64, device="cuda") * 2 - 1
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        eager = model(x, sample=False)[0]
+        compiled = torch.compile(model)(x, sample=False)[0]
+        model.decoder.split = None
+        masked = model(x, sample=False)[0]
+    for e, c, m in zip(eager, compiled, masked):
+        torch.testing.assert_close(c.float(), e.float(), atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(m.float(), e.float(), atol=3e-2, rtol=3e-2)
+
+
+@cuda_only
+@pytest.mark.parametrize("job", ["tokenizer", "gan", "dit"])
+def test_cuda_train_bf16_compile(job, tok_run, tmp_path):
+    extra = {"tokenizer": [], "gan": ["--init", tok_run, "--disc_start", 1, "--disc_ramp", 1],
+             "dit": ["--tokenizer", tok_run, "--stats_batches", 1]}[job]
+    run("train.py", "--job", job, "--steps", 4, "--compile", "--out", tmp_path, "--global_batch", 16,
+        "--workers", 0, "--log_every", 2, *extra)
+    import json
+    logs = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"loss"' in line]
+    assert logs and all(math.isfinite(r["loss"]) for r in logs)
+    assert final_state(tmp_path)["step"] == 4

@@ -75,6 +75,7 @@ g.add_argument("--weight_decay", type=float, default=None, help="AdamW weight de
 g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
 g.add_argument("--ema", type=float, default=None, help="EMA decay, 0 = off (default: DiT 0.9999, tokenizer off)")
 g = p.add_argument_group("system")
+g.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
 g.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast on CUDA (CPU always runs fp32)")
 g.add_argument("--compile", action="store_true", help="torch.compile the model")
 g.add_argument("--log_every", type=int, default=25, help="steps between log lines")
@@ -87,19 +88,21 @@ args = p.parse_args()
 # ----------------------------------------------------------------------------------------------
 # setup: DDP from the environment (torchrun), else one process
 
+use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
 ddp = "RANK" in os.environ
 if ddp:
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
 else:
     rank, world, local = 0, 1, 0
 master = rank == 0
-device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
 if device.type == "cuda":
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 if args.deterministic:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it for reproducible results
     torch.use_deterministic_algorithms(True)
 torch.manual_seed(args.seed + rank)
 amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and args.precision == "bf16")

@@ -1,0 +1,221 @@
+"""
+bench.py: what a training step costs. Median of timed steps after warm-up; images/s, achieved
+TFLOP/s from the FLOPs functions in hieratok.py, MFU against the GPU's bf16 peak, peak memory.
+
+  python bench.py                                        # CPU: reduced-width paper geometry, all parts
+  python bench.py --preset paper-f16d16 --batch 32 --compile --parts tokenizer lpips gan dit
+  python bench.py --parts ratio attention data           # multi/single ratio, attention paths, data loader
+
+Parts:
+  tokenizer   generator step (forward, backward, AdamW) without LPIPS
+  lpips       the same with LPIPS-VGG (random backbone: same cost, no download)
+  gan         the GAN stage's discriminator step (PatchGAN, hinge), FLOPs counted by torch's FlopCounterMode
+  dit         a DiT step (flow matching) on the preset's latent
+  ratio       multi-scale / single-scale step time of the same preset beside their FLOP ratio
+  attention   scale-causal attention two exact ways: one masked SDPA call vs the split (mask-free finest scale)
+  data        ImageFolder pipeline (decode + ADM crop) images/s in one process = per loader worker
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import hieratok as H
+
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.add_argument("--preset", default="reduced", help="tokenizer preset, or 'reduced': the paper's geometry (256 px, "
+               "patch 16, 6 + 24 blocks, 341 tokens) at widths 192 / 256, small enough for a CPU")
+p.add_argument("--dit_preset", default=None, help="DiT preset (default XL for paper presets, tiny otherwise)")
+p.add_argument("--batch", type=int, default=None, help="images per step (default 32 on CUDA, 4 on CPU)")
+p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast on CUDA; CPU runs fp32")
+p.add_argument("--compile", action="store_true", help="torch.compile the models")
+p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on CUDA, 2 on CPU; more with compile)")
+p.add_argument("--iters", type=int, default=None, help="timed steps (default 20 on CUDA, 5 on CPU)")
+p.add_argument("--parts", nargs="+", default=["tokenizer", "lpips", "gan", "dit", "ratio", "attention", "data"])
+p.add_argument("--out", default=None, help="append the results as JSON lines to this file")
+args = p.parse_args()
+
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+cuda = device.type == "cuda"
+if cuda:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+amp = torch.autocast(device.type, torch.bfloat16, enabled=cuda and args.precision == "bf16")
+batch = args.batch or (32 if cuda else 4)
+warmup = args.warmup or ((10 if args.compile else 5) if cuda else 2)
+iters = args.iters or (20 if cuda else 5)
+peak = H.peak_flops(device)
+REDUCED = dict(enc_dim=192, enc_heads=3, dec_dim=256, dec_heads=4, drop_path=0.0)
+results = []
+
+
+def tok_cfg(**kw):
+    if args.preset == "reduced":
+        return H.tokenizer_config("paper-f16d16", **REDUCED, **kw)
+    return H.tokenizer_config(args.preset, **kw)
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def timed(step, n_warm=None, n_iter=None):
+    """Median seconds of a step after warm-up; a sync after each step so every step is measured whole."""
+    for _ in range(warmup if n_warm is None else n_warm):
+        step()
+    sync()
+    times = []
+    for _ in range(iters if n_iter is None else n_iter):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def report(name, sec, flops_per_image=None, n=None):
+    n = n or batch
+    row = {"part": name, "device": torch.cuda.get_device_name() if cuda else "cpu", "batch": n,
+           "precision": args.precision if cuda else "fp32", "compile": args.compile, "step_ms": sec * 1e3, "img_per_s": n / sec}
+    if flops_per_image:
+        row["tflops"] = flops_per_image * n / sec / 1e12
+        if peak:
+            row["mfu"] = row["tflops"] * 1e12 / peak
+    if cuda:
+        row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        torch.cuda.reset_peak_memory_stats()
+    results.append(row)
+    extra = "".join(f" | {k} {row[k]:.3g}" for k in ("tflops", "mfu", "peak_mem_gb") if k in row)
+    print(f"{name:<28} {row['step_ms']:9.1f} ms | {row['img_per_s']:8.1f} img/s{extra}", flush=True)
+    return row
+
+
+def adamw(model):
+    return torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=cuda)
+
+
+def tokenizer_step(cfg, lpips=None):
+    """One generator step as train.py runs it; returns a closure."""
+    model = H.HieraTok(cfg).to(device).train()
+    fwd = torch.compile(model) if args.compile else model
+    opt = adamw(model)
+    x = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+
+    def step():
+        with amp:
+            recons, mean, logvar = fwd(x)
+            loss, _ = H.reconstruction_loss(cfg, x, recons, mean, logvar, lpips)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_tokenizer(lpips_on):
+    cfg = tok_cfg(lpips_weight=1.0 if lpips_on else 0.0)
+    lp = H.build_lpips(random_backbone=True).to(device) if lpips_on else None
+    if lp is not None and args.compile:
+        lp = torch.compile(lp)
+    sec = timed(tokenizer_step(cfg, lp))
+    report(f"tokenizer{' + lpips' if lpips_on else ''} ({args.preset})", sec, 3 * H.tokenizer_flops(cfg))
+
+
+def bench_gan():
+    cfg = tok_cfg()
+    disc = H.Discriminator().to(device)
+    d = torch.compile(disc) if args.compile else disc
+    opt = adamw(disc)
+    x = torch.rand(2 * batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    with FlopCounterMode(display=False) as fc:
+        disc(x[:1]).sum().backward()
+    disc.zero_grad(set_to_none=True)
+
+    def step():
+        with amp:
+            d_loss = H.hinge_d_loss(*d(x).float().chunk(2))
+        d_loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    report("discriminator step", timed(step), fc.get_total_flops(), n=2 * batch)
+
+
+def bench_dit():
+    tcfg = tok_cfg()
+    name = args.dit_preset or ("XL" if args.preset.startswith("paper") else "tiny")
+    cfg = H.dit_config(name, tcfg)
+    model = H.DiT(cfg).to(device).train()
+    fwd = torch.compile(model) if args.compile else model
+    opt = adamw(model)
+    z = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+
+    def step():
+        with amp:
+            loss = H.flow_matching_loss(fwd, z, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    report(f"DiT-{name} step", timed(step), 3 * H.dit_flops(cfg))
+
+
+def bench_ratio():
+    multi, single = tok_cfg(lpips_weight=0.0), tok_cfg(lpips_weight=0.0, scales=(16,))
+    t_multi, t_single = timed(tokenizer_step(multi)), timed(tokenizer_step(single))
+    f_ratio = H.tokenizer_flops(multi) / H.tokenizer_flops(single)
+    report("ratio: multi-scale step", t_multi, 3 * H.tokenizer_flops(multi))
+    report("ratio: single-scale step", t_single, 3 * H.tokenizer_flops(single))
+    row = {"part": "ratio", "time_ratio": t_multi / t_single, "flop_ratio": f_ratio,
+           "time_over_flop": t_multi / t_single / f_ratio}
+    results.append(row)
+    print(f"multi/single: time {row['time_ratio']:.3f}x, FLOPs {f_ratio:.3f}x -> time/FLOP ratio {row['time_over_flop']:.3f}")
+
+
+def bench_attention():
+    cfg = tok_cfg(lpips_weight=0.0)
+    for mode in ("causal", "independent"):
+        model = H.HieraTok(H.HieraTokConfig(**{**H.config_dict(cfg), "attention": mode})).to(device)
+        dec = model.decoder
+        tokens = torch.randn(batch, cfg.num_tokens, cfg.dec_dim, device=device, requires_grad=True)
+        fwd = torch.compile(dec) if args.compile else dec
+        split = dec.split
+
+        def step():
+            with amp:
+                out = fwd(tokens)
+            sum(o.float().mean() for o in out).backward()
+        for name, sp in (("split", split), ("mask", None)):
+            dec.split = sp
+            if args.compile:
+                torch._dynamo.reset()
+            report(f"decoder fwd+bwd {mode} {name}", timed(step), 3 * cfg.dec_depth * H.vit_block_flops(cfg.num_tokens, cfg.dec_dim))
+        dec.split = split
+
+
+def bench_data():
+    from PIL import Image
+    with tempfile.TemporaryDirectory() as root:
+        os.makedirs(os.path.join(root, "c"))
+        rng = np.random.default_rng(0)
+        for i in range(64):                                        # ImageNet-like JPEGs: ~500x375, quality 90
+            arr = (rng.random((375, 500, 3)) * 64 + np.linspace(0, 190, 500)[None, :, None]).astype(np.uint8)
+            Image.fromarray(arr).save(os.path.join(root, "c", f"{i}.JPEG"), quality=90)
+        ds = H.ImageFolder(root, 256)
+        sec = timed(lambda: [ds[i] for i in range(len(ds))], n_warm=1, n_iter=3)
+        report("data: decode + ADM crop, 1 worker", sec, n=len(ds))
+
+
+for part in args.parts:
+    {"tokenizer": lambda: bench_tokenizer(False), "lpips": lambda: bench_tokenizer(True), "gan": bench_gan,
+     "dit": bench_dit, "ratio": bench_ratio, "attention": bench_attention, "data": bench_data}[part]()
+if args.out:
+    with open(args.out, "a") as f:
+        for row in results:
+            f.write(json.dumps(row) + "\n")
