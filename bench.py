@@ -14,6 +14,7 @@ Parts:
   ratio       multi-scale / single-scale step time of the same preset beside their FLOP ratio
   attention   scale-causal attention two exact ways: one masked SDPA call vs the split (mask-free finest scale)
   data        ImageFolder pipeline (decode + ADM crop) images/s in one process = per loader worker
+  profile     torch.profiler table of the tokenizer step's most expensive kernels
 """
 
 import argparse
@@ -199,6 +200,20 @@ def bench_attention():
         dec.split = split
 
 
+def bench_profile():
+    step = tokenizer_step(tok_cfg(lpips_weight=0.0))
+    for _ in range(warmup):
+        step()
+    sync()
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(3):
+            step()
+        sync()
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
+
+
 def bench_data():
     from PIL import Image
     with tempfile.TemporaryDirectory() as root:
@@ -214,7 +229,7 @@ def bench_data():
 
 for part in args.parts:
     {"tokenizer": lambda: bench_tokenizer(False), "lpips": lambda: bench_tokenizer(True), "gan": bench_gan,
-     "dit": bench_dit, "ratio": bench_ratio, "attention": bench_attention, "data": bench_data}[part]()
+     "dit": bench_dit, "ratio": bench_ratio, "profile": bench_profile, "attention": bench_attention, "data": bench_data}[part]()
 if args.out:
     with open(args.out, "a") as f:
         for row in results:

@@ -67,6 +67,16 @@ def sincos_2d(dim, grid):
     return torch.cat(out, dim=1).float()                    # (grid*grid, dim)
 
 
+def area_pool(x, size):
+    """Area downsampling of (B, C, H, W) to (size, size): the mean over each output pixel's area.
+    An exact-multiple size uses avg_pool2d, whose backward is deterministic and fast on CUDA;
+    other sizes (12 of 16, say) fall back to adaptive pooling, which is the same operation."""
+    H = x.shape[-1]
+    if H == size:
+        return x
+    return F.avg_pool2d(x, H // size) if H % size == 0 else F.adaptive_avg_pool2d(x, size)
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, H, W) map, as ViTDet's feature pyramid uses."""
 
@@ -262,7 +272,7 @@ class Downsampler(nn.Module):
 
     def forward(self, h):
         if self.mode == "interp":
-            coarse = [F.adaptive_avg_pool2d(h, s) for s in self.scales[:-1]]
+            coarse = [area_pool(h, s) for s in self.scales[:-1]]
         else:
             coarse = [down(h) for down in self.down]
         return coarse + [h]
@@ -346,7 +356,7 @@ class HieraTok(nn.Module):
         seq = []
         for i, m in enumerate(self.downsampler(h)):
             s = m.shape[-1]
-            pos = F.adaptive_avg_pool2d(self.pos_table, s) + self.scale_embed[i][:, None, None]  # (1, D, s, s)
+            pos = area_pool(self.pos_table, s) + self.scale_embed[i][:, None, None]  # (1, D, s, s)
             seq.append((m + pos).flatten(2).transpose(1, 2))             # (B, s*s, D)
         return torch.cat(seq, dim=1)
 
@@ -376,7 +386,7 @@ def reconstruction_loss(cfg, x, recons, mean, logvar, lpips=None):
     train.py can call the model through DDP / torch.compile and still share this one loss."""
     terms, rec_total = {}, 0.0
     for s, r in zip(cfg.scales, recons):
-        t = x if r.shape[-1] == x.shape[-1] else F.interpolate(x, size=r.shape[-2:], mode="area")
+        t = area_pool(x, r.shape[-1])
         r = r.float()
         l1, mse = (r - t).abs().mean(), (r - t).square().mean()
         rec = cfg.l1_weight * l1 + cfg.mse_weight * mse

@@ -147,7 +147,7 @@ def reconstruct(args, device, amp):
             outs = tok.decode(z)
         for s, r in zip(cfg.scales, outs):
             r = r.float().clamp(-1, 1)
-            t = x if r.shape[-1] == x.shape[-1] else F.interpolate(x, size=r.shape[-2:], mode="area")
+            t = H.area_pool(x, r.shape[-1])
             # metrics on the images as they would be saved: quantised to 8 bits
             rq, tq = [torch.from_numpy(to_uint8(v)).permute(0, 3, 1, 2).float() / 255 for v in (r, t)]
             sums[s]["psnr"] += psnr(rq, tq).sum().item()
@@ -231,7 +231,7 @@ def analyse(args, device, amp):
             outs = [o.float() for o in tok.decode(z)]
         feats.append(z.float().flatten(1).cpu().numpy())               # one point per image: (B, d*S*S)
         for s, o in zip(tok.cfg.scales[:-1], outs[:-1]):               # D(D_s z) vs D_s(D z), on [0, 1] pixels
-            down = F.interpolate(outs[-1], size=o.shape[-2:], mode="area")
+            down = H.area_pool(outs[-1], o.shape[-1])
             err[s] += ((o - down).abs().flatten(1).mean(1) / 2).sum().item()
     feats = np.concatenate(feats)
     feats = feats - feats.mean(0)
