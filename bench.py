@@ -40,6 +40,7 @@ p.add_argument("--compile", action="store_true", help="torch.compile the models"
 p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on CUDA, 2 on CPU; more with compile)")
 p.add_argument("--iters", type=int, default=None, help="timed steps (default 20 on CUDA, 5 on CPU)")
 p.add_argument("--parts", nargs="+", default=["tokenizer", "lpips", "gan", "dit", "ratio", "attention", "data"])
+p.add_argument("--attention_modes", nargs="+", default=["causal", "independent"], help="modes for the attention part")
 p.add_argument("--out", default=None, help="append the results as JSON lines to this file")
 args = p.parse_args()
 
@@ -148,10 +149,8 @@ def bench_gan():
     report("discriminator step", timed(step), fc.get_total_flops(), n=2 * batch)
 
 
-def bench_dit():
-    tcfg = tok_cfg()
-    name = args.dit_preset or ("XL" if args.preset.startswith("paper") else "tiny")
-    cfg = H.dit_config(name, tcfg)
+def dit_step():
+    cfg = dit_cfg()
     model = H.DiT(cfg).to(device).train()
     fwd = torch.compile(model) if args.compile else model
     opt = adamw(model)
@@ -164,7 +163,16 @@ def bench_dit():
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    report(f"DiT-{name} step", timed(step), 3 * H.dit_flops(cfg))
+    return step
+
+
+def dit_cfg():
+    return H.dit_config(args.dit_preset or ("XL" if args.preset.startswith("paper") else "tiny"), tok_cfg())
+
+
+def bench_dit():
+    cfg = dit_cfg()
+    report(f"DiT step ({cfg.depth} x {cfg.dim})", timed(dit_step()), 3 * H.dit_flops(cfg))
 
 
 def bench_ratio():
@@ -181,12 +189,12 @@ def bench_ratio():
 
 def bench_attention():
     cfg = tok_cfg(lpips_weight=0.0)
-    for mode in ("causal", "independent"):
+    for mode in args.attention_modes:
         model = H.HieraTok(H.HieraTokConfig(**{**H.config_dict(cfg), "attention": mode})).to(device)
         dec = model.decoder
         tokens = torch.randn(batch, cfg.num_tokens, cfg.dec_dim, device=device, requires_grad=True)
         fwd = torch.compile(dec) if args.compile else dec
-        split = dec.split
+        split = (dec.bounds[-2], 0 if mode == "causal" else dec.bounds[-2])   # the exact mask-free split
 
         def step():
             with amp:
@@ -201,7 +209,11 @@ def bench_attention():
 
 
 def bench_profile():
-    step = tokenizer_step(tok_cfg(lpips_weight=0.0))
+    profile(tokenizer_step(tok_cfg(lpips_weight=0.0)))
+    profile(dit_step())
+
+
+def profile(step):
     for _ in range(warmup):
         step()
     sync()

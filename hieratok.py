@@ -184,7 +184,7 @@ class HieraTokConfig:
     scales: tuple = (1, 2, 4, 8, 16)  # token-map sides, coarse to fine; last = latent grid; (16,) = single scale
     downsampler: str = "conv"        # "conv" (learned, ViTDet-style) | "interp" (area pooling)
     attention: str = "causal"        # "causal" | "independent" | "full"
-    attn_split: bool = True          # exact mask-free path for the finest scale (see Attention)
+    attn_split: bool = False         # exact mask-free path for the finest scale (see Attention); slower on H100
     l1_weight: float = 1.0           # per-pixel L1
     mse_weight: float = 0.4          # per-pixel MSE
     lpips_weight: float = 1.0        # LPIPS (VGG), only on scales of at least LPIPS_MIN_SIZE px

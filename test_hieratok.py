@@ -101,7 +101,8 @@ def test_mask_semantics(attention, split):
 
 @pytest.mark.parametrize("attention", ["causal", "independent"])
 def test_split_attention_equals_masked(attention):
-    model = H.HieraTok(small_cfg(attention=attention)).eval()
+    model = H.HieraTok(small_cfg(attention=attention, attn_split=True)).eval()
+    assert model.decoder.split is not None
     tokens = torch.randn(2, model.cfg.num_tokens, 32)
     with torch.no_grad():
         split = model.decode_tokens(tokens)
@@ -491,9 +492,9 @@ def test_cuda_bf16_compile_matches_eager():
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         eager = model(x, sample=False)[0]
         compiled = torch.compile(model)(x, sample=False)[0]
-        model.decoder.split = None
-        masked = model(x, sample=False)[0]
-    for e, c, m in zip(eager, compiled, masked):
+        model.decoder.split = (model.decoder.bounds[-2], 0)
+        split = model(x, sample=False)[0]
+    for e, c, m in zip(eager, compiled, split):
         torch.testing.assert_close(c.float(), e.float(), atol=3e-2, rtol=3e-2)
         torch.testing.assert_close(m.float(), e.float(), atol=3e-2, rtol=3e-2)
 

@@ -129,12 +129,14 @@ try:
     if args.job == "tokenizer":
         over = {k: getattr(args, k) for k in ("scales", "downsampler", "attention", "kl_weight", "lpips_weight")}
         cfg = H.tokenizer_config(args.preset, **{k: v for k, v in over.items() if v is not None})
+        preset_name = args.preset
         model = H.HieraTok(cfg)
     elif args.job == "gan":
         if args.init is None:
             fail("the GAN stage starts from a stage-1 checkpoint: pass --init runs/<stage-1 run>")
         init = H.load_checkpoint(H.resolve_checkpoint(args.init), kinds=("tokenizer", "gan"))
         cfg = H.HieraTokConfig(**init["config"])
+        preset_name = str(init["args"].get("preset"))            # the stage-1 run's preset
         model = H.HieraTok(cfg)
         model.load_state_dict(init["model"])
         disc = H.Discriminator().to(device)
@@ -149,6 +151,7 @@ try:
         cfg = H.dit_config(args.dit_preset, tok.cfg, patch_size=args.dit_patch,
                            num_classes=len(H.dataset(args.data, tok.cfg.image_size).classes))
         model = H.DiT(cfg)
+        preset_name = args.dit_preset
 except (ValueError, FileNotFoundError, RuntimeError) as e:
     fail(str(e))
 image_size = tok.cfg.image_size if dit_job else cfg.image_size
@@ -282,7 +285,7 @@ loader, sampler = loader_for(data)
 # ----------------------------------------------------------------------------------------------
 # optimizers and schedules
 
-lr = args.lr or (1e-3 if "tiny" in (args.dit_preset if dit_job else args.preset) else 1e-4)
+lr = args.lr or (1e-3 if "tiny" in preset_name else 1e-4)
 wd = args.weight_decay if args.weight_decay is not None else (0.0 if dit_job else 0.05)
 betas = (0.9, 0.999) if dit_job else (0.9, 0.95)
 fused = device.type == "cuda"
@@ -365,6 +368,10 @@ elif dit_job:
 if ema is not None and not found:
     ema.load_state_dict(raw.state_dict())
 if args.compile:                                           # after loading weights, before DDP
+    if disc is not None:
+        # the adaptive GAN weight differentiates the same compiled graph twice (retain_graph), which
+        # compiled backward graphs allow only without buffer donation
+        torch._functorch.config.donated_buffer = False
     model = torch.compile(raw)
     lpips = torch.compile(lpips) if lpips is not None else None
 if ddp:
