@@ -508,6 +508,23 @@ class VFLoss(nn.Module):
         return l_cos + l_dist
 
 
+class RandomFeatures(nn.Module):
+    """A frozen random patch network (B, 3, H, W) -> (B, N, dim), the same for a given seed: the VF
+    loss's stand-in for tests and smoke runs where no DINOv2 weights are at hand. Not a meaningful
+    alignment target."""
+
+    def __init__(self, patch=4, dim=32, seed=0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.embed = nn.Conv2d(3, dim, patch, stride=patch)
+            self.mix = nn.Linear(dim, dim)
+        self.dim = dim
+
+    def forward(self, x):
+        return self.mix(F.gelu(self.embed(x).flatten(2).transpose(1, 2)))  # (B, N, dim)
+
+
 class DINOv2Features(nn.Module):
     """Patch features of DINOv2 ViT-B/14 from a local torch-hub checkout and weight file (no
     download): images in [-1, 1] -> ImageNet normalisation at 224 px -> (B, 256, 768)."""

@@ -196,6 +196,40 @@ def test_tiny_overfits_one_batch():
 
 
 # ----------------------------------------------------------------------------------------------
+# VF alignment loss
+
+
+def test_vf_loss_zero_at_alignment_and_gradients():
+    torch.manual_seed(0)
+    feats = H.RandomFeatures(patch=4, dim=8)
+    vf = H.VFLoss(feats, feat_dim=8, latent_dim=8)
+    with torch.no_grad():                                       # projection = identity
+        vf.proj.weight.copy_(torch.eye(8))
+        vf.proj.bias.zero_()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    f = feats(x).detach()                                       # (2, 64, 8) on an 8x8 grid
+    z = f.transpose(1, 2).reshape(2, 8, 8, 8)                   # the latent equal to the features
+    assert vf(z, x).item() == 0.0
+    z_near = z + 0.01 * torch.randn_like(z)                     # inside the margins: still zero
+    assert vf(z_near, x).item() == 0.0
+    assert vf(torch.randn_like(z), x).item() > 0
+
+    model = H.HieraTok(H.tokenizer_config("tiny", latent_dim=8))
+    vf = H.VFLoss(H.RandomFeatures(patch=4, dim=16), feat_dim=16, latent_dim=8)
+    mean = model.encode(x)[0]
+    vf(mean, x).backward()
+    assert model.encoder.to_moments.weight.grad.abs().sum() > 0 and vf.proj.weight.grad.abs().sum() > 0
+    assert all(q.grad is None and not q.requires_grad for q in vf.features.parameters())
+    assert not vf.train().features.training                     # the frozen network stays in eval mode
+
+
+def test_vf_missing_weights_error(tmp_path):
+    res = run("train.py", "--vf_weight", 0.1, "--vf_weights", tmp_path / "none.pth", "--out", tmp_path / "o",
+              *TRAIN_FAST, check=False)
+    assert res.returncode != 0 and "--vf_weights" in res.stdout and "none.pth" in res.stdout
+
+
+# ----------------------------------------------------------------------------------------------
 # DiT
 
 
@@ -325,15 +359,19 @@ def same_weights(a, b):
                 assert torch.equal(sa[k][n], sb[k][n]), n
 
 
-@pytest.mark.parametrize("job", ["tokenizer", "dit"])
+@pytest.mark.parametrize("job", ["tokenizer", "dit", "vf"])
 def test_resume_is_exact(job, tok_run, tmp_path):
-    extra = ["--job", "dit", "--tokenizer", tok_run, "--stats_batches", 2] if job == "dit" else []
+    extra = {"tokenizer": [], "dit": ["--job", "dit", "--tokenizer", tok_run, "--stats_batches", 2],
+             "vf": ["--vf_weight", 0.1, "--vf_model", "random"]}[job]
     run("train.py", "--steps", 6, "--out", tmp_path / "straight", *extra, *TRAIN_FAST)
     run("train.py", "--steps", 6, "--stop_at", 3, "--out", tmp_path / "resumed", *extra, *TRAIN_FAST)
     assert final_state(tmp_path / "resumed")["step"] == 3
     res = run("train.py", "--steps", 6, "--out", tmp_path / "resumed", *extra, *TRAIN_FAST)
     assert "resumed from" in res.stdout + res.stderr
     same_weights(tmp_path / "straight", tmp_path / "resumed")
+    if job == "vf":
+        a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+        assert all(torch.equal(a["vf_proj"][k], b["vf_proj"][k]) for k in a["vf_proj"])
 
 
 def test_ddp_two_processes_agree(tmp_path):

@@ -52,6 +52,13 @@ g.add_argument("--disc_start", type=int, default=2000, help="steps of discrimina
 g.add_argument("--disc_ramp", type=int, default=2000, help="steps over which the adversarial weight ramps linearly to full")
 g.add_argument("--disc_lr", type=float, default=1e-4, help="discriminator peak learning rate")
 g.add_argument("--freeze_encoder", action="store_true", help="train only the decoder side, so the latent stays fixed")
+g = p.add_argument_group("VF alignment loss (the scaled-up recipe; tokenizer and GAN jobs)")
+g.add_argument("--vf_weight", type=float, default=0.0, help="VF loss weight (times its adaptive weight); 0 = off, VA-VAE uses 0.1")
+g.add_argument("--vf_model", default="dinov2", choices=["dinov2", "random"], help="frozen feature network (random: smoke tests only)")
+g.add_argument("--vf_weights", default=None, help="DINOv2 ViT-B/14 weight file (dinov2_vitb14_pretrain.pth)")
+g.add_argument("--vf_repo", default=None, help="local DINOv2 code checkout for torch.hub (default: the torch hub cache)")
+g.add_argument("--vf_margin_cos", type=float, default=0.5, help="margin of the per-position cosine term")
+g.add_argument("--vf_margin_dist", type=float, default=0.25, help="margin of the distance-matrix term")
 g = p.add_argument_group("DiT")
 g.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (file or run directory) whose latents the DiT learns")
 g.add_argument("--dit_preset", default="tiny", help=f"DiT preset: {', '.join(H.DIT_PRESETS)}")
@@ -154,6 +161,15 @@ try:
         preset_name = args.dit_preset
 except (ValueError, FileNotFoundError, RuntimeError) as e:
     fail(str(e))
+vf = None
+if args.vf_weight > 0:
+    if dit_job or args.freeze_encoder:
+        fail("the VF loss shapes the encoder's latent: use it in the tokenizer or GAN job, without --freeze_encoder")
+    try:
+        feats = H.RandomFeatures() if args.vf_model == "random" else H.DINOv2Features(args.vf_weights, args.vf_repo)
+    except FileNotFoundError as e:
+        fail(str(e))
+    vf = H.VFLoss(feats, feats.dim, cfg.latent_dim, args.vf_margin_cos, args.vf_margin_dist).to(device)
 image_size = tok.cfg.image_size if dit_job else cfg.image_size
 if not dit_job and cfg.lpips_weight > 0:
     try:                                                   # fail before any work if the weights are missing
@@ -291,9 +307,9 @@ betas = (0.9, 0.999) if dit_job else (0.9, 0.95)
 fused = device.type == "cuda"
 
 
-def adamw(module, lr, wd, betas):
+def adamw(modules, lr, wd, betas):
     """AdamW with no weight decay on biases, norms and embeddings-as-offsets (1-D tensors)."""
-    params = [q for q in module.parameters() if q.requires_grad]
+    params = [q for m in modules for q in m.parameters() if q.requires_grad]
     groups = [{"params": [q for q in params if q.ndim >= 2], "weight_decay": wd},
               {"params": [q for q in params if q.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
@@ -309,8 +325,8 @@ def lr_at(step, peak, warmup):
     return args.lr_end + 0.5 * (peak - args.lr_end) * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
 
 
-opt = adamw(raw, lr, wd, betas)
-opt_d = adamw(disc, args.disc_lr, 0.05, (0.9, 0.95)) if disc is not None else None
+opt = adamw([raw] + ([vf.proj] if vf is not None else []), lr, wd, betas)
+opt_d = adamw([disc], args.disc_lr, 0.05, (0.9, 0.95)) if disc is not None else None
 ema_decay = args.ema if args.ema is not None else (0.9999 if dit_job else 0.0)
 ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay > 0 else None
 
@@ -334,7 +350,11 @@ if found:
         H.check_config(ck, cfg, found[-1])
     except (ValueError, RuntimeError) as e:
         fail(str(e))
+    if (ck.get("vf_proj") is None) != (vf is None):
+        fail(f"{found[-1]} was trained {'without' if vf is not None else 'with'} the VF loss; match --vf_weight or use a new --out")
     raw.load_state_dict(ck["model"])
+    if vf is not None:
+        vf.proj.load_state_dict(ck["vf_proj"])
     opt.load_state_dict(ck["opt"])
     if ema is not None and ck.get("ema") is not None:
         ema.load_state_dict(ck["ema"])
@@ -368,8 +388,8 @@ elif dit_job:
 if ema is not None and not found:
     ema.load_state_dict(raw.state_dict())
 if args.compile:                                           # after loading weights, before DDP
-    if disc is not None:
-        # the adaptive GAN weight differentiates the same compiled graph twice (retain_graph), which
+    if disc is not None or vf is not None:
+        # the adaptive GAN / VF weights differentiate the same compiled graph twice (retain_graph), which
         # compiled backward graphs allow only without buffer donation
         torch._functorch.config.donated_buffer = False
     model = torch.compile(raw)
@@ -401,6 +421,8 @@ def save():
               "args": {k: v for k, v in vars(args).items()}}
         if disc is not None:
             ck.update(disc=disc.state_dict(), opt_d=opt_d.state_dict())
+        if vf is not None:
+            ck.update(vf_proj=vf.proj.state_dict())
         if dit_job:
             ck.update(tokenizer=tok_path, tokenizer_config=H.config_dict(tok.cfg))
         H.save_checkpoint(ck, os.path.join(out_dir, f"ckpt_{step:07d}.pt"))
@@ -452,6 +474,12 @@ while step < steps:
                 with amp:
                     recons, mean, logvar = model(x)
                     loss, terms = H.reconstruction_loss(cfg, x, recons, mean, logvar, lpips)
+                    rec_loss = loss
+                    if vf is not None:                     # align the latent with frozen features
+                        vf_loss = vf(mean, x)
+                        w = H.adaptive_weight(rec_loss, vf_loss, raw.encoder.to_moments.weight) * args.vf_weight
+                        loss = loss + w * vf_loss
+                        terms.update(vf_loss=vf_loss.detach(), vf_w=w)
                     if disc is not None:
                         fakes.append((x, recons[-1].detach()))
                         if step >= args.disc_start:          # warm-up over: the adversarial term reaches G
@@ -459,13 +487,17 @@ while step < steps:
                             g_loss = -disc(recons[-1]).float().mean()
                             disc.requires_grad_(True)
                             ramp = min(1.0, (step - args.disc_start + 1) / max(1, args.disc_ramp))
-                            w = H.adaptive_weight(loss, g_loss, last_layer) * args.gan_weight * ramp
+                            w = H.adaptive_weight(rec_loss, g_loss, last_layer) * args.gan_weight * ramp
                             loss = loss + w * g_loss
                             terms.update(g_loss=g_loss.detach(), gan_w=w)
                 terms["loss"] = loss.detach()
             (loss / accum).backward()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.float() / accum
+    if vf is not None and ddp:                             # the projection lives outside DDP: average by hand
+        for q in vf.proj.parameters():
+            dist.all_reduce(q.grad)
+            q.grad /= world
     if args.clip > 0:
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip)
     opt.step()
@@ -502,7 +534,7 @@ while step < steps:
             rec["mfu"] = flops_per_image * ips / world / peak
             rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         if master:
-            main = ["loss"] + [k for k in rec if k.startswith("rec_s")] + ["kl", "g_loss", "d_loss"]
+            main = ["loss"] + [k for k in rec if k.startswith("rec_s")] + ["kl", "g_loss", "d_loss", "vf_loss"]
             txt = " ".join(f"{k} {rec[k]:.4g}" for k in main if k in rec)
             extra = f" | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_gb']:.1f}G" if peak else ""
             log(f"step {step}/{steps} | {txt} | lr {rec['lr']:.2e} | {ips:.1f} img/s{extra}")
