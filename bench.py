@@ -69,18 +69,22 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(step, n_warm=None, n_iter=None):
-    """Median seconds of a step after warm-up; a sync after each step so every step is measured whole."""
+def timed(*steps, n_warm=None, n_iter=None):
+    """Median seconds of each step after warm-up, a sync after each so every step is measured whole.
+    Several steps are timed interleaved, so a drift in machine speed affects them alike."""
     for _ in range(warmup if n_warm is None else n_warm):
-        step()
+        for step in steps:
+            step()
     sync()
-    times = []
+    times = [[] for _ in steps]
     for _ in range(iters if n_iter is None else n_iter):
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for step, ts in zip(steps, times):
+            t = time.perf_counter()
+            step()
+            sync()
+            ts.append(time.perf_counter() - t)
+    meds = [statistics.median(ts) for ts in times]
+    return meds[0] if len(steps) == 1 else meds
 
 
 def report(name, sec, flops_per_image=None, n=None):
@@ -177,7 +181,7 @@ def bench_dit():
 
 def bench_ratio():
     multi, single = tok_cfg(lpips_weight=0.0), tok_cfg(lpips_weight=0.0, scales=(16,))
-    t_multi, t_single = timed(tokenizer_step(multi)), timed(tokenizer_step(single))
+    t_multi, t_single = timed(tokenizer_step(multi), tokenizer_step(single))
     f_ratio = H.tokenizer_flops(multi) / H.tokenizer_flops(single)
     report("ratio: multi-scale step", t_multi, 3 * H.tokenizer_flops(multi))
     report("ratio: single-scale step", t_single, 3 * H.tokenizer_flops(single))
@@ -194,18 +198,19 @@ def bench_attention():
         dec = model.decoder
         tokens = torch.randn(batch, cfg.num_tokens, cfg.dec_dim, device=device, requires_grad=True)
         fwd = torch.compile(dec) if args.compile else dec
-        split = (dec.bounds[-2], 0 if mode == "causal" else dec.bounds[-2])   # the exact mask-free split
+        n = dec.bounds[-2]
+        paths = {"split": (n, 0 if mode == "causal" else n), "mask": None}   # the exact mask-free split vs one call
 
-        def step():
-            with amp:
-                out = fwd(tokens)
-            sum(o.float().mean() for o in out).backward()
-        for name, sp in (("split", split), ("mask", None)):
-            dec.split = sp
-            if args.compile:
-                torch._dynamo.reset()
-            report(f"decoder fwd+bwd {mode} {name}", timed(step), 3 * cfg.dec_depth * H.vit_block_flops(cfg.num_tokens, cfg.dec_dim))
-        dec.split = split
+        def path_step(sp):
+            def step():
+                dec.split = sp                             # a guarded attribute: compile keeps both variants
+                with amp:
+                    out = fwd(tokens)
+                sum(o.float().mean() for o in out).backward()
+            return step
+        secs = timed(*[path_step(sp) for sp in paths.values()])
+        for name, sec in zip(paths, secs):
+            report(f"decoder fwd+bwd {mode} {name}", sec, 3 * cfg.dec_depth * H.vit_block_flops(cfg.num_tokens, cfg.dec_dim))
 
 
 def bench_profile():
