@@ -3,7 +3,7 @@ HieraTok: a multi-scale ViT image tokenizer and a DiT on its latents, in one fil
 Paper: "HieraTok: Multi-Scale Visual Tokenizer Improves Image Reconstruction and Generation"
 (arXiv 2509.23736). Read top to bottom; each section builds on the ones above it.
 
-  1. Primitives ............ patchify / unpatchify, sin-cos tables, LayerNorm2d, DropPath
+  1. Primitives ............ patchify / unpatchify, sin-cos table, area pooling, LayerNorm2d, DropPath
   2. Transformer block ..... Attention (SDPA, optional boolean mask), MLP, Block
   3. Encoder ............... ViT: image -> posterior over the latent z (B, d, S, S)
   4. Downsampler ........... z -> decoder width -> token maps at every scale (conv | interp)
@@ -14,13 +14,14 @@ Paper: "HieraTok: Multi-Scale Visual Tokenizer Improves Image Reconstruction and
   8. DiT ................... Peebles & Xie's adaLN-Zero transformer on z
   9. Flow matching ......... loss, CFG velocity, Euler / Heun sampler, per-sample seeded noise
  10. FLOPs ................. forward FLOPs per image (tokenizer, DiT) for MFU
- 11. Presets and checkpoints  TOKENIZER_PRESETS, DIT_PRESETS, save_checkpoint, load_checkpoint
+ 11. Presets and checkpoints  TOKENIZER_PRESETS, DIT_PRESETS, atomic save, one loading path
+ 12. Data .................. ImageFolder with ADM center crop, the built-in Shapes data set
 
 Notable choices (see DESIGN.md of the project for the reasoning):
 - Images live in [-1, 1]. The latent the DiT learns is z before any downsampling, so single- and
   multi-scale tokenizers hand the DiT the same (B, d, 16, 16) tensor.
-- Scale-causal attention is one boolean mask built once from per-token scale indices. The default
-  path splits the attention so the finest scale (3/4 of the tokens) runs with no mask at all.
+- Scale-causal attention is one boolean mask built once from per-token scale indices and handed to
+  SDPA; an exact split path (the finest scale, 3/4 of the tokens, runs unmasked) is an option.
 - The DiT is trained with flow matching (x_t = (1-t) x0 + t eps, velocity target) and sampled
   with an ODE; per-sample seeds make samples independent of batch size and GPU count.
 """
@@ -29,7 +30,7 @@ import math
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass, field, asdict, fields
+from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
@@ -647,9 +648,7 @@ class DiT(nn.Module):
             x = blk(x, c)
         shift, scale = self.adaLN_final(c).chunk(2, dim=1)
         x = self.head(modulate(self.norm_final(x), shift, scale))        # (B, L, p*p*C)
-        p, C, g = self.cfg.patch_size, self.cfg.in_channels, self.grid
-        x = x.reshape(x.shape[0], g, g, p, p, C)                         # (B, g, g, p, p, C)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], C, g * p, g * p)
+        return unpatchify(x, self.cfg.patch_size, self.grid, self.cfg.in_channels)  # (B, C, H, W)
 
     def set_latent_stats(self, mean, std):
         """Per-channel statistics (C,) of the tokenizer's latents on training data."""
@@ -667,24 +666,25 @@ class DiT(nn.Module):
 # 9. Flow matching: x_t = (1 - t) x0 + t eps, t = 0 data, t = 1 noise, target v = eps - x0
 
 
-def flow_matching_loss(model, x0, y, t_dist="logit_normal", label_drop=0.1):
+def flow_matching_loss(model, x0, y, t_dist="logit_normal"):
     """x0: normalised latents (B, C, H, W); y: labels (B,). Returns the mean squared velocity error.
-    Labels are replaced by the null class with probability label_drop (for CFG)."""
+    Labels are replaced by the null class with the config's class_dropout probability (for CFG)."""
     B = x0.shape[0]
     t = torch.sigmoid(torch.randn(B, device=x0.device)) if t_dist == "logit_normal" else torch.rand(B, device=x0.device)
     eps = torch.randn_like(x0)
     tb = t.view(B, 1, 1, 1)
     xt = (1 - tb) * x0 + tb * eps
-    if label_drop > 0:
-        y = torch.where(torch.rand(B, device=y.device) < label_drop, torch.full_like(y, model_cfg(model).num_classes), y)
+    cfg = unwrap(model).cfg
+    if cfg.class_dropout > 0:
+        y = torch.where(torch.rand(B, device=y.device) < cfg.class_dropout, torch.full_like(y, cfg.num_classes), y)
     return (model(xt, t, y).float() - (eps - x0).float()).square().mean()
 
 
-def model_cfg(model):
-    """The config of a model that may be wrapped by DDP or torch.compile."""
-    while not hasattr(model, "cfg"):
+def unwrap(model):
+    """The module under any DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
-    return model.cfg
+    return model
 
 
 def guided_velocity(model, x, t, y, cfg_scale=1.0, interval=(0.0, 1.0)):
@@ -693,7 +693,7 @@ def guided_velocity(model, x, t, y, cfg_scale=1.0, interval=(0.0, 1.0)):
     tt = torch.full((x.shape[0],), t, device=x.device)
     if cfg_scale == 1.0 or not interval[0] <= t <= interval[1]:
         return model(x, tt, y)
-    null = torch.full_like(y, model_cfg(model).num_classes)
+    null = torch.full_like(y, unwrap(model).cfg.num_classes)
     v_c, v_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).chunk(2)
     return v_u + cfg_scale * (v_c - v_u)
 
@@ -709,7 +709,7 @@ def seeded_noise(seeds, shape, device="cpu"):
 def sample_latents(model, y, seeds, steps=50, method="heun", cfg_scale=1.0, interval=(0.0, 1.0)):
     """Integrate dx/dt = v from t = 1 (noise) to t = 0 (data) with Euler or Heun steps; returns
     latents in the tokenizer's units (denormalised)."""
-    cfg = model_cfg(model)
+    cfg = unwrap(model).cfg
     x = seeded_noise(seeds, (cfg.in_channels, cfg.input_size, cfg.input_size), y.device)
     ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
     for t, t_next in zip(ts[:-1], ts[1:]):
@@ -719,8 +719,7 @@ def sample_latents(model, y, seeds, steps=50, method="heun", cfg_scale=1.0, inte
             v_next = guided_velocity(model, x_next, t_next, y, cfg_scale, interval)
             x_next = x + (t_next - t) * 0.5 * (v + v_next)
         x = x_next
-    stats = model.module if hasattr(model, "module") else getattr(model, "_orig_mod", model)
-    return stats.denormalize(x.float())
+    return unwrap(model).denormalize(x.float())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ g.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (file or 
 g.add_argument("--dit_preset", default="tiny", help=f"DiT preset: {', '.join(H.DIT_PRESETS)}")
 g.add_argument("--dit_patch", type=int, default=1, help="DiT patch size on the latent grid")
 g.add_argument("--t_dist", default="logit_normal", choices=["logit_normal", "uniform"], help="flow-matching time distribution")
-g.add_argument("--label_drop", type=float, default=0.1, help="label dropout for classifier-free guidance")
+g.add_argument("--label_drop", type=float, default=0.1, help="label dropout for classifier-free guidance (stored in the DiT config)")
 g.add_argument("--stats_batches", type=int, default=20, help="batches per rank to measure the latent mean / std")
 g.add_argument("--cache", default=None, help="latent cache directory: built once (moments of each image and its flip), reused after")
 g = p.add_argument_group("data")
@@ -155,7 +155,7 @@ try:
         tok_path = os.path.abspath(H.resolve_checkpoint(args.tokenizer))
         tok, tok_ckpt = H.model_from_checkpoint(tok_path, kinds=("tokenizer", "gan"))
         tok = tok.to(device).requires_grad_(False)
-        cfg = H.dit_config(args.dit_preset, tok.cfg, patch_size=args.dit_patch,
+        cfg = H.dit_config(args.dit_preset, tok.cfg, patch_size=args.dit_patch, class_dropout=args.label_drop,
                            num_classes=len(H.dataset(args.data, tok.cfg.image_size).classes))
         model = H.DiT(cfg)
         preset_name = args.dit_preset
@@ -193,7 +193,7 @@ accum = args.global_batch // (batch * world)
 if len(data) < batch * world:
     fail(f"the data set has {len(data)} images, fewer than one global micro-batch ({batch} x {world})")
 steps = args.steps or (round(args.epochs * len(data) / args.global_batch) if args.epochs else 300)
-out_dir = args.out or os.path.join("runs", f"{args.job}-{args.dit_preset if dit_job else args.preset}")
+out_dir = args.out or os.path.join("runs", f"{args.job}-{preset_name}")
 
 
 class Sampler(torch.utils.data.DistributedSampler):
@@ -466,7 +466,7 @@ while step < steps:
             if dit_job:
                 z, y = latents(next(stream))
                 with amp:
-                    loss = H.flow_matching_loss(model, raw.normalize(z), y, args.t_dist, args.label_drop)
+                    loss = H.flow_matching_loss(model, raw.normalize(z), y, args.t_dist)
                 terms = {"loss": loss.detach()}
             else:
                 x, _ = next(stream)
