@@ -354,6 +354,13 @@ def test_train_jobs_end_to_end(tok_run, tmp_path):
     dit, ck = H.model_from_checkpoint(H.resolve_checkpoint(str(tmp_path / "dit")), kinds=("dit",))
     assert ck["ema"] is not None and not torch.equal(dit.latent_std, torch.ones_like(dit.latent_std))
     assert os.listdir(tmp_path / "cache")
+    res = run("train.py", "--job", "dit", "--tokenizer", tok_run, "--steps", 1, "--stats_batches", 1,
+              "--cache", tmp_path / "cache", "--out", tmp_path / "dit2", *TRAIN_FAST)
+    assert "building the latent cache" not in res.stdout + res.stderr          # reused
+    write_folder(tmp_path / "other", corrupt=False)
+    res = run("train.py", "--job", "dit", "--tokenizer", tok_run, "--data", tmp_path / "other", "--cache",
+              tmp_path / "cache", "--out", tmp_path / "dit3", *TRAIN_FAST, check=False)
+    assert res.returncode != 0 and "pass a new --cache" in res.stdout
 
 
 def same_weights(a, b):

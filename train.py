@@ -155,10 +155,13 @@ try:
         tok_path = os.path.abspath(H.resolve_checkpoint(args.tokenizer))
         tok, tok_ckpt = H.model_from_checkpoint(tok_path, kinds=("tokenizer", "gan"))
         tok = tok.to(device).requires_grad_(False)
-        cfg = H.dit_config(args.dit_preset, tok.cfg, patch_size=args.dit_patch, class_dropout=args.label_drop,
-                           num_classes=len(H.dataset(args.data, tok.cfg.image_size).classes))
-        model = H.DiT(cfg)
         preset_name = args.dit_preset
+    image_size = tok.cfg.image_size if dit_job else cfg.image_size
+    data = H.dataset(args.data, image_size)                 # the DiT takes its class count from the data
+    if dit_job:
+        cfg = H.dit_config(args.dit_preset, tok.cfg, patch_size=args.dit_patch, class_dropout=args.label_drop,
+                           num_classes=len(data.classes))
+        model = H.DiT(cfg)
 except (ValueError, FileNotFoundError, RuntimeError) as e:
     fail(str(e))
 vf = None
@@ -170,7 +173,6 @@ if args.vf_weight > 0:
     except FileNotFoundError as e:
         fail(str(e))
     vf = H.VFLoss(feats, feats.dim, cfg.latent_dim, args.vf_margin_cos, args.vf_margin_dist).to(device)
-image_size = tok.cfg.image_size if dit_job else cfg.image_size
 if not dit_job and cfg.lpips_weight > 0:
     try:                                                   # fail before any work if the weights are missing
         lpips = H.build_lpips(args.lpips_weights).to(device)
@@ -182,10 +184,6 @@ raw = model                                                # the uncompiled modu
 # ----------------------------------------------------------------------------------------------
 # data
 
-try:
-    data = H.dataset(args.data, image_size)
-except FileNotFoundError as e:
-    fail(str(e))
 batch = args.batch or args.global_batch // world
 if args.global_batch % (batch * world):
     fail(f"--global_batch {args.global_batch} is not a multiple of --batch {batch} x {world} ranks")
@@ -231,15 +229,19 @@ def batches(loader, sampler, pos):
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """Memory-mapped shards of (moments of x, moments of flip(x)) (N, 2, 2d, S, S) in bf16, labels."""
+    """Memory-mapped shards of (moments of x, moments of flip(x)) (N, 2, 2d, S, S) in bf16, labels.
+    Refuses a cache built from other images or another tokenizer."""
 
-    def __init__(self, root):
+    def __init__(self, root, images):
         shards = [torch.load(os.path.join(root, f), mmap=True, weights_only=True)
                   for f in sorted(os.listdir(root)) if f.startswith("shard_")]
         self.moments = [s["moments"] for s in shards]
         self.labels = torch.cat([s["labels"] for s in shards])
+        if len(self.labels) != len(images) or any(s["tokenizer"] != tok_path for s in shards):
+            fail(f"the latent cache {root} holds {len(self.labels)} latents of {shards[0]['tokenizer']}, but this "
+                 f"run has {len(images)} images and tokenizer {tok_path}; pass a new --cache directory")
         self.where = [(i, j) for i, s in enumerate(self.moments) for j in range(len(s))]
-        self.classes = list(range(int(self.labels.max()) + 1))
+        self.classes = images.classes
 
     def __len__(self):
         return len(self.labels)
@@ -264,7 +266,7 @@ def build_cache(root):
             m = torch.stack([tok.encoder(x), tok.encoder(x.flip(-1))], dim=1)  # (B, 2, 2d, S, S)
         moments.append(m.to(torch.bfloat16).cpu())
         labels.append(y)
-    H.save_checkpoint({"moments": torch.cat(moments), "labels": torch.cat(labels)},
+    H.save_checkpoint({"moments": torch.cat(moments), "labels": torch.cat(labels), "tokenizer": tok_path},
                       os.path.join(root, f"shard_{rank:03d}of{world:03d}.pt"))
     if ddp:
         dist.barrier()
@@ -295,7 +297,7 @@ def latents(b):
 if dit_job and args.cache:
     if not os.path.isdir(args.cache) or not any(f.startswith("shard_") for f in os.listdir(args.cache)):
         build_cache(args.cache)
-    data = LatentCache(args.cache)
+    data = LatentCache(args.cache, data)
 loader, sampler = loader_for(data)
 
 # ----------------------------------------------------------------------------------------------
