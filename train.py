@@ -334,9 +334,11 @@ ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay > 0 else None
 
 
 @torch.no_grad()
-def update_ema():
-    ema_p = [q for q in ema.parameters()]
-    torch._foreach_lerp_(ema_p, [q.detach() for q in raw.parameters()], 1.0 - ema_decay)
+def update_ema(step):
+    """ema <- ema + (1 - decay) (model - ema), with decay warmed up as (1 + step) / (10 + step): a
+    0.9999 average over a short run would still be the initial weights, and sampling prefers EMA."""
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(ema.parameters()), [q.detach() for q in raw.parameters()], 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), raw.buffers()):
         b_ema.copy_(b)
 
@@ -517,7 +519,7 @@ while step < steps:
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
     if ema is not None:
-        update_ema()
+        update_ema(step)
     step += 1
     t_steps += 1
     bar.update(1)
