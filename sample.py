@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 
 import numpy as np
 import torch
@@ -109,9 +110,7 @@ def writable_dir(path):
     """Create `path` and prove it can be written, with a clear error otherwise."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
-        open(probe, "w").close()
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=path).close()            # unique per process: safe with several ranks
     except OSError as e:
         raise SystemExit(f"error: cannot write to output directory {path} ({e.strerror}); pass a writable --out")
 

@@ -389,11 +389,17 @@ def test_resume_is_exact(job, tok_run, tmp_path):
         assert all(torch.equal(a["vf_proj"][k], b["vf_proj"][k]) for k in a["vf_proj"])
 
 
-def test_ddp_two_processes_agree(tmp_path):
-    run("train.py", "--steps", 3, "--out", tmp_path, "--device", "cpu", *TRAIN_FAST, torchrun=2)
+def test_ddp_two_processes_agree(tok_run, tmp_path):
+    """Tokenizer, and the GAN stage with the VF loss (autograd.grad for the adaptive weights under
+    DDP, a projection outside the DDP module): both ranks end with identical weights."""
     import json
-    sums = [json.loads(line)["weight_sum"] for line in open(tmp_path / "log.jsonl") if "weight_sum" in line]
-    assert sums and all(len(s) == 2 and s[0] == s[1] for s in sums), sums
+    run("train.py", "--steps", 3, "--out", tmp_path / "tok", "--device", "cpu", *TRAIN_FAST, torchrun=2)
+    run("train.py", "--job", "gan", "--init", tok_run, "--steps", 3, "--disc_start", 1, "--disc_ramp", 1,
+        "--vf_weight", 0.1, "--vf_model", "random", "--out", tmp_path / "gan", "--device", "cpu", *TRAIN_FAST,
+        torchrun=2)
+    for run_dir in ("tok", "gan"):
+        sums = [json.loads(line)["weight_sum"] for line in open(tmp_path / run_dir / "log.jsonl") if "weight_sum" in line]
+        assert sums and all(len(s) == 2 and s[0] == s[1] for s in sums), (run_dir, sums)
 
 
 def write_folder(root, n=8, corrupt=True):

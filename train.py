@@ -399,7 +399,10 @@ if args.compile:                                           # after loading weigh
     model = torch.compile(raw)
     lpips = torch.compile(lpips) if lpips is not None else None
 if ddp:
-    model = DDP(model, device_ids=[local] if device.type == "cuda" else None)
+    model = DDP(model, device_ids=[local] if device.type == "cuda" else None)   # broadcasts rank 0's weights
+    if vf is not None:                                     # outside DDP: start every rank from rank 0's projection
+        for q in vf.proj.parameters():
+            dist.broadcast(q.data, src=0)
     disc_ddp = DDP(disc, device_ids=[local] if device.type == "cuda" else None) if disc is not None else None
 else:
     disc_ddp = disc
@@ -407,8 +410,10 @@ else:
 
 def save():
     """One dict per checkpoint; every rank's RNG state gathered so resume continues every stream.
-    Also logs each rank's sum of weights: DDP ranks must agree, and a divergence shows here."""
-    wsum = torch.stack([q.detach().double().sum() for q in raw.parameters()]).sum().reshape(1)
+    Also logs each rank's sum of trained weights (model, discriminator, VF projection): DDP ranks
+    must agree, and a divergence shows here."""
+    trained = [raw] + [m for m in (disc, vf.proj if vf is not None else None) if m is not None]
+    wsum = torch.stack([q.detach().double().sum() for m in trained for q in m.parameters()]).sum().reshape(1)
     if ddp:
         wsums = [torch.zeros_like(wsum) for _ in range(world)]
         dist.all_gather(wsums, wsum)
