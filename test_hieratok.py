@@ -9,10 +9,13 @@ the whole suite in a few minutes on 2 cores:  python -m pytest -q test_hieratok.
   sample.py ...... every mode, metrics against closed forms, 1 vs 2 process generation
 """
 
+import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -21,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hieratok as H
+import sample as S
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -392,7 +396,6 @@ def test_resume_is_exact(job, tok_run, tmp_path):
 def test_ddp_two_processes_agree(tok_run, tmp_path):
     """Tokenizer, and the GAN stage with the VF loss (autograd.grad for the adaptive weights under
     DDP, a projection outside the DDP module): both ranks end with identical weights."""
-    import json
     run("train.py", "--steps", 3, "--out", tmp_path / "tok", "--device", "cpu", *TRAIN_FAST, torchrun=2)
     run("train.py", "--job", "gan", "--init", tok_run, "--steps", 3, "--disc_start", 1, "--disc_ramp", 1,
         "--vf_weight", 0.1, "--vf_model", "random", "--out", tmp_path / "gan", "--device", "cpu", *TRAIN_FAST,
@@ -434,9 +437,6 @@ def test_bad_input(tok_run, tmp_path):
 
 
 def test_killed_run_resumes(tmp_path):
-    import json
-    import signal
-    import time
     cmd = [sys.executable, os.path.join(HERE, "train.py"), "--steps", 400, "--ckpt_every", 2, "--out", tmp_path,
            *TRAIN_FAST]
     proc = subprocess.Popen(list(map(str, cmd)), cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -460,8 +460,6 @@ def test_killed_run_resumes(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # sample.py
 
-import sample as S  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def dit_run(tok_run, tmp_path_factory):
@@ -481,7 +479,6 @@ def test_sample_modes(tok_run, dit_run, tmp_path):
     for name in ("ref.npz", "recon.npz"):
         a = load_npz(tmp_path / "r" / name)
         assert a.shape == (12, 32, 32, 3) and a.dtype == np.uint8
-    import json
     m = json.load(open(tmp_path / "r" / "recon_metrics.json"))
     assert set(m) >= {"scale_1", "scale_8"} and m["scale_8"]["lpips"] is not None and m["scale_1"]["lpips"] is None
     assert (tmp_path / "r" / "recon.png").exists()
@@ -565,7 +562,6 @@ def test_cuda_train_bf16_compile(job, tok_run, tmp_path):
              "dit": ["--tokenizer", tok_run, "--stats_batches", 1]}[job]
     run("train.py", "--job", job, "--steps", 4, "--compile", "--out", tmp_path, "--global_batch", 16,
         "--workers", 0, "--log_every", 2, *extra)
-    import json
     logs = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"loss"' in line]
     assert logs and all(math.isfinite(r["loss"]) for r in logs)
     assert final_state(tmp_path)["step"] == 4

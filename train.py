@@ -23,7 +23,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -378,9 +377,10 @@ if found:
 elif dit_job:
     # latent statistics, measured once before training and stored in the DiT's buffers
     s1 = s2 = n = 0
-    stream = batches(*loader_for(data), [0, 0])
-    for _ in range(args.stats_batches):
-        z, _ = latents(next(stream))
+    sample_set = Sampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed + 1)
+    for _, b in zip(range(args.stats_batches), torch.utils.data.DataLoader(data, batch, sampler=sample_set,
+                                                                         num_workers=args.workers)):
+        z, _ = latents(b)
         s1, s2, n = s1 + z.sum((0, 2, 3)), s2 + z.square().sum((0, 2, 3)), n + z.numel() / z.shape[1]
     stats = torch.stack([s1, s2, torch.full_like(s1, n)])
     if ddp:
@@ -389,8 +389,6 @@ elif dit_job:
     raw.set_latent_stats(mean, (stats[1] / stats[2] - mean.square()).clamp_min(0).sqrt())
     log(f"latent mean {[round(v, 3) for v in raw.latent_mean.flatten().tolist()]}, "
         f"std {[round(v, 3) for v in raw.latent_std.flatten().tolist()]}")
-if ema is not None and not found:
-    ema.load_state_dict(raw.state_dict())
 if args.compile:                                           # after loading weights, before DDP
     if disc is not None or vf is not None:
         # the adaptive GAN / VF weights differentiate the same compiled graph twice (retain_graph), which
@@ -406,6 +404,8 @@ if ddp:
     disc_ddp = DDP(disc, device_ids=[local] if device.type == "cuda" else None) if disc is not None else None
 else:
     disc_ddp = disc
+if ema is not None and not found:                          # after DDP's broadcast: every rank's EMA alike
+    ema.load_state_dict(raw.state_dict())
 
 
 def save():
