@@ -828,9 +828,10 @@ def load_checkpoint(path, kinds=("tokenizer", "gan", "dit")):
 
 
 def check_config(ckpt, cfg, path):
-    """Refuse a checkpoint whose model config differs from `cfg`, naming the differing fields."""
+    """Refuse a checkpoint whose model config differs from `cfg`, naming the differing fields.
+    attn_split is not compared: both attention paths compute the same function."""
     saved, now = ckpt["config"], config_dict(cfg)
-    diff = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
+    diff = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k] and k != "attn_split"}
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{path} was trained with a different config ({lines}); use matching flags or a new --out directory")
