@@ -94,9 +94,14 @@ def kde_grid(points, bins=64):
 # images
 
 
+def quantize(x):
+    """[-1, 1] float -> the 8-bit values it would be saved as (0..255, still a float tensor)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round()
+
+
 def to_uint8(x):
     """[-1, 1] float (B, 3, H, W) -> uint8 (B, H, W, 3) numpy, as the ADM evaluator reads it."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return quantize(x).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def grid_png(rows, path):
@@ -147,7 +152,7 @@ def reconstruct(args, device, amp):
             outs = tok.decode(z)
         for s, r in zip(cfg.scales, outs):
             # metrics on the images as they would be saved (8 bits), in [0, 1], on the device
-            rq, tq = [((v.float().clamp(-1, 1) + 1) * 127.5).round() / 255 for v in (r, H.area_pool(x, r.shape[-1]))]
+            rq, tq = quantize(r) / 255, quantize(H.area_pool(x, r.shape[-1])) / 255
             sums[s]["psnr"] += psnr(rq, tq).sum().item()
             sums[s]["ssim"] += ssim(rq, tq).sum().item()
             if lp is not None and r.shape[-1] >= H.LPIPS_MIN_SIZE:

@@ -15,6 +15,8 @@ arguments, setup (DDP, precision, seeds), data, models, optimizers, resume, loop
 """
 
 import argparse
+import bisect
+import contextlib
 import copy
 import json
 import math
@@ -239,15 +241,15 @@ class LatentCache(torch.utils.data.Dataset):
         if len(self.labels) != len(images) or any(s["tokenizer"] != tok_path for s in shards):
             fail(f"the latent cache {root} holds {len(self.labels)} latents of {shards[0]['tokenizer']}, but this "
                  f"run has {len(images)} images and tokenizer {tok_path}; pass a new --cache directory")
-        self.where = [(i, j) for i, s in enumerate(self.moments) for j in range(len(s))]
+        self.ends = torch.tensor([len(m) for m in self.moments]).cumsum(0).tolist()  # shard k ends at ends[k]
         self.classes = images.classes
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, k):
-        i, j = self.where[k]
-        return self.moments[i][j], self.labels[k]
+        i = bisect.bisect_right(self.ends, k)
+        return self.moments[i][k - (self.ends[i - 1] if i else 0)], self.labels[k]
 
 
 @torch.no_grad()
@@ -338,8 +340,7 @@ def update_ema(step):
     0.9999 average over a short run would still be the initial weights, and sampling prefers EMA."""
     decay = min(ema_decay, (1 + step) / (10 + step))
     torch._foreach_lerp_(list(ema.parameters()), [q.detach() for q in raw.parameters()], 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), raw.buffers()):
-        b_ema.copy_(b)
+    # buffers (latent statistics) are fixed before training and reach the EMA with its first copy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,7 +471,7 @@ while step < steps:
     fakes = []
     for micro in range(accum):
         sync = micro == accum - 1
-        ctx = model.no_sync() if ddp and not sync else torch.enable_grad()
+        ctx = model.no_sync() if ddp and not sync else contextlib.nullcontext()
         with ctx:
             if dit_job:
                 z, y = latents(next(stream))
@@ -515,7 +516,7 @@ while step < steps:
         for group in opt_d.param_groups:
             group["lr"] = args.disc_lr * min(1.0, (step + 1) / max(1, round(0.01 * steps)))
         for micro, (x, fake) in enumerate(fakes):
-            ctx = disc_ddp.no_sync() if ddp and micro < accum - 1 else torch.enable_grad()
+            ctx = disc_ddp.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext()
             with ctx, amp:
                 logits = disc_ddp(torch.cat([x, fake])).float()
                 d_loss = H.hinge_d_loss(*logits.chunk(2))
