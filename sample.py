@@ -133,14 +133,20 @@ def lpips_model(args, device):
 # modes
 
 
-@torch.no_grad()
-def reconstruct(args, device, amp):
+def tokenizer_and_images(args, device):
+    """The tokenizer of --ckpt (EMA weights when present) and a loader over the first --num_images
+    images of --data (all by default): (tokenizer, loader, image count)."""
     tok, _ = H.model_from_checkpoint(H.resolve_checkpoint(args.ckpt), kinds=("tokenizer", "gan"))
-    tok = tok.to(device)
-    cfg = tok.cfg
-    data = H.dataset(args.data, cfg.image_size)
+    data = H.dataset(args.data, tok.cfg.image_size)
     n = min(args.num_images or len(data), len(data))
     dl = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(n)), args.batch, num_workers=args.workers)
+    return tok.to(device), dl, n
+
+
+@torch.no_grad()
+def reconstruct(args, device, amp):
+    tok, dl, n = tokenizer_and_images(args, device)
+    cfg = tok.cfg
     lp = lpips_model(args, device)
     sums = {s: {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0} for s in cfg.scales}
     size = cfg.image_size                                     # filled in place: no copy at the end (50k images: 9.8 GB each)
@@ -221,11 +227,7 @@ def generate(args, device, amp, rank, world):
 
 @torch.no_grad()
 def analyse(args, device, amp):
-    tok, _ = H.model_from_checkpoint(H.resolve_checkpoint(args.ckpt), kinds=("tokenizer", "gan"))
-    tok = tok.to(device)
-    data = H.dataset(args.data, tok.cfg.image_size)
-    n = min(args.num_images or len(data), len(data))
-    dl = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(n)), args.batch, num_workers=args.workers)
+    tok, dl, n = tokenizer_and_images(args, device)
     feats, err = [], {s: 0.0 for s in tok.cfg.scales[:-1]}
     for x, _ in tqdm(dl, desc="latents"):
         x = H.to_float(x.to(device))
