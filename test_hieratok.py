@@ -131,6 +131,17 @@ def test_interp_is_area_pooling_and_conv_learns():
     assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
 
+@pytest.mark.parametrize("s", [1, 4, 8, 5])
+def test_resampling_sum_is_the_depthwise_conv(s):
+    """ScaleDown's window-sum fast path computes the module's own depthwise conv (s = 5 does not
+    divide 16, so it takes the conv itself and must still give a 5x5 map)."""
+    torch.manual_seed(0)
+    down = H.ScaleDown(8, 16, s)
+    h = torch.randn(2, 8, 16, 16)
+    torch.testing.assert_close(down(h), down.net(h), rtol=1e-5, atol=1e-5)
+    assert down(h).shape == (2, 8, s, s)
+
+
 def test_kl_closed_form():
     torch.manual_seed(0)
     mean, logvar = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
