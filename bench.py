@@ -12,9 +12,9 @@ Parts:
   gan         the GAN stage's discriminator step (PatchGAN, hinge), FLOPs counted by torch's FlopCounterMode
   dit         a DiT step (flow matching) on the preset's latent
   ratio       multi-scale / single-scale step time of the same preset beside their FLOP ratio
-  attention   scale-causal attention two exact ways: one masked SDPA call vs the split (mask-free finest scale)
+  attention   scale-causal attention three exact ways: SDPA with a bool mask, with an additive bias, split
   data        ImageFolder pipeline (decode + ADM crop) images/s in one process = per loader worker
-  profile     torch.profiler table of the tokenizer step's most expensive kernels
+  profile     torch.profiler table of the tokenizer step's most expensive kernels (profile_dit: the DiT step)
 """
 
 import argparse
@@ -38,7 +38,7 @@ p.add_argument("--batch", type=int, default=None, help="images per step (default
 p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast on CUDA; CPU runs fp32")
 p.add_argument("--compile", action="store_true", help="torch.compile the models")
 p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on CUDA, 2 on CPU; more with compile)")
-p.add_argument("--iters", type=int, default=None, help="timed steps (default 20 on CUDA, 5 on CPU)")
+p.add_argument("--iters", type=int, default=None, help="timed steps (default 30 on CUDA, 5 on CPU)")
 p.add_argument("--parts", nargs="+", default=["tokenizer", "lpips", "gan", "dit", "ratio", "attention", "data"])
 p.add_argument("--attention_modes", nargs="+", default=["causal", "independent"], help="modes for the attention part")
 p.add_argument("--out", default=None, help="append the results as JSON lines to this file")
@@ -52,8 +52,9 @@ if cuda:
 amp = torch.autocast(device.type, torch.bfloat16, enabled=cuda and args.precision == "bf16")
 batch = args.batch or (32 if cuda else 4)
 warmup = args.warmup or ((10 if args.compile else 5) if cuda else 2)
-iters = args.iters or (20 if cuda else 5)
+iters = args.iters or (30 if cuda else 5)
 peak = H.peak_flops(device)
+GROUP = 5                                     # steps per timed group on CUDA (see timed)
 REDUCED = dict(enc_dim=192, enc_heads=3, dec_dim=256, dec_heads=4, drop_path=0.0)
 results = []
 
@@ -70,19 +71,23 @@ def sync():
 
 
 def timed(*steps, n_warm=None, n_iter=None):
-    """Median seconds of each step after warm-up, a sync after each so every step is measured whole.
-    Several steps are timed interleaved, so a drift in machine speed affects them alike."""
+    """Median seconds per step after warm-up. On CUDA steps run in back-to-back groups of
+    GROUP with one sync per group, as in train.py, which never syncs inside the loop: a sync after
+    every step would idle the GPU while the CPU launches the next step's first kernels. Several
+    steps are timed interleaved (group by group), so a drift in machine speed affects them alike."""
+    group = GROUP if cuda else 1
     for _ in range(warmup if n_warm is None else n_warm):
         for step in steps:
             step()
     sync()
     times = [[] for _ in steps]
-    for _ in range(iters if n_iter is None else n_iter):
+    for _ in range(max(1, (iters if n_iter is None else n_iter) // group)):
         for step, ts in zip(steps, times):
             t = time.perf_counter()
-            step()
+            for _ in range(group):
+                step()
             sync()
-            ts.append(time.perf_counter() - t)
+            ts.append((time.perf_counter() - t) / group)
     meds = [statistics.median(ts) for ts in times]
     return meds[0] if len(steps) == 1 else meds
 
@@ -193,29 +198,28 @@ def bench_ratio():
 
 def bench_attention():
     cfg = tok_cfg(lpips_weight=0.0)
+    dtype = torch.bfloat16 if cuda and args.precision == "bf16" else torch.float32
     for mode in args.attention_modes:
         model = H.HieraTok(H.HieraTokConfig(**{**H.config_dict(cfg), "attention": mode})).to(device)
         dec = model.decoder
         tokens = torch.randn(batch, cfg.num_tokens, cfg.dec_dim, device=device, requires_grad=True)
         fwd = torch.compile(dec) if args.compile else dec
-        n = dec.bounds[-2]
-        paths = {"split": (n, 0 if mode == "causal" else n), "mask": None}   # the exact mask-free split vs one call
+        n, mask = dec.bounds[-2], dec.mask
+        bias = torch.zeros(mask.shape, device=device, dtype=dtype).masked_fill(~mask, float("-inf"))
+        # three exact ways: one SDPA call with the bool mask, the same with an additive bias, and the
+        # split whose finest-scale queries run unmasked
+        paths = {"mask": (None, mask), "bias": (None, bias), "split": ((n, 0 if mode == "causal" else n), mask)}
 
-        def path_step(sp):
+        def path_step(sp, m):
             def step():
-                dec.split = sp                             # a guarded attribute: compile keeps both variants
+                dec.split, dec.mask = sp, m                # guarded attributes: compile keeps each variant
                 with amp:
                     out = fwd(tokens)
                 sum(o.float().mean() for o in out).backward()
             return step
-        secs = timed(*[path_step(sp) for sp in paths.values()])
+        secs = timed(*[path_step(*v) for v in paths.values()])
         for name, sec in zip(paths, secs):
             report(f"decoder fwd+bwd {mode} {name}", sec, 3 * cfg.dec_depth * H.vit_block_flops(cfg.num_tokens, cfg.dec_dim))
-
-
-def bench_profile():
-    profile(tokenizer_step(tok_cfg(lpips_weight=0.0)))
-    profile(dit_step())
 
 
 def profile(step):
@@ -227,8 +231,8 @@ def profile(step):
         for _ in range(3):
             step()
         sync()
-    key = "cuda_time_total" if cuda else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
 
 
 def bench_data():
@@ -244,9 +248,13 @@ def bench_data():
         report("data: decode + ADM crop, 1 worker", sec, n=len(ds))
 
 
+PARTS = {"tokenizer": lambda: bench_tokenizer(False), "lpips": lambda: bench_tokenizer(True), "gan": bench_gan,
+         "dit": bench_dit, "ratio": bench_ratio, "attention": bench_attention, "data": bench_data,
+         "profile": lambda: profile(tokenizer_step(tok_cfg(lpips_weight=0.0))), "profile_dit": lambda: profile(dit_step())}
 for part in args.parts:
-    {"tokenizer": lambda: bench_tokenizer(False), "lpips": lambda: bench_tokenizer(True), "gan": bench_gan,
-     "dit": bench_dit, "ratio": bench_ratio, "profile": bench_profile, "attention": bench_attention, "data": bench_data}[part]()
+    if part not in PARTS:
+        raise SystemExit(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
+    PARTS[part]()
 if args.out:
     with open(args.out, "a") as f:
         for row in results:
