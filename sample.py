@@ -194,28 +194,32 @@ def generate(args, device, amp, rank, world):
     classes = args.classes or list(range(nc))
     if max(classes) >= nc:
         raise SystemExit(f"error: class {max(classes)} out of range; the DiT knows {nc} classes")
-    mine = list(range(rank, args.num_samples, world))                 # sample i -> rank i % world
+    # whole batches go to ranks (batch b -> rank b % world), so every sample is made in the same batch
+    # for any number of processes: the same matmul shapes, hence bit-identical images.
+    batches = [np.arange(k, min(k + args.batch, args.num_samples)) for k in range(0, args.num_samples, args.batch)]
+    mine = batches[rank::world]
     images, scales_view = [], []
-    for k in tqdm(range(0, len(mine), args.batch), desc="generate", disable=rank != 0):
-        idx = mine[k:k + args.batch]
+    for b, idx in enumerate(tqdm(mine, desc="generate", disable=rank != 0)):
         y = torch.tensor([classes[i % len(classes)] for i in idx], device=device)
         with amp:
-            z = H.sample_latents(dit, y, [args.seed * 1_000_003 + i for i in idx], args.steps, args.sampler,
+            z = H.sample_latents(dit, y, [args.seed * 1_000_003 + int(i) for i in idx], args.steps, args.sampler,
                                  args.cfg_scale, tuple(args.interval))
             outs = tok.decode(z)
         images.append(to_uint8(outs[-1]))
-        if k == 0:
+        if b == 0:
             scales_view = [[to_uint8(o[i:i + 1])[0] for o in outs] for i in range(min(8, len(idx)))]
-    part = np.concatenate(images) if images else np.zeros((0, tok.cfg.image_size, tok.cfg.image_size, 3), np.uint8)
-    if world > 1:                                                       # ranks write parts, rank 0 interleaves
-        np.save(os.path.join(args.out, f".part{rank}.npy"), part)
+    size = tok.cfg.image_size
+    part = np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    if world > 1:                                                       # ranks write parts, rank 0 puts them in order
+        np.savez(os.path.join(args.out, f".part{rank}.npz"), idx=np.concatenate(mine) if mine else np.zeros(0, int), img=part)
         dist.barrier()
         if rank == 0:
-            parts = [np.load(os.path.join(args.out, f".part{r}.npy")) for r in range(world)]
-            part = np.zeros((args.num_samples, *parts[0].shape[1:]), np.uint8)
-            for r, a in enumerate(parts):
-                part[r::world] = a
-                os.remove(os.path.join(args.out, f".part{r}.npy"))
+            part = np.zeros((args.num_samples, size, size, 3), np.uint8)
+            for r in range(world):
+                path = os.path.join(args.out, f".part{r}.npz")
+                with np.load(path) as d:
+                    part[d["idx"]] = d["img"]
+                os.remove(path)
         dist.barrier()
     if rank == 0:
         np.savez(os.path.join(args.out, "samples.npz"), arr_0=part)
