@@ -324,15 +324,17 @@ class Decoder(nn.Module):
         n = self.bounds[-2]
         self.split = (n, 0 if cfg.attention == "causal" else n) if cfg.attn_split and self.mask is not None else None
 
-    def forward(self, tokens):
+    def forward(self, tokens, features=False):
+        """With `features`, also return the finest head's input (B, S*S, D), the LayerNorm output its
+        linear layer reads: the GAN stage's adaptive weight needs it (see `head_weight_grad`)."""
         x = tokens
         for blk in self.blocks:
             x = blk(x, self.mask, self.split)
         out = []
-        for i, (s, head) in enumerate(zip(self.cfg.scales, self.heads)):
-            xs = head(x[:, self.bounds[i]:self.bounds[i + 1]])         # (B, s*s, p*p*3)
-            out.append(unpatchify(xs, self.cfg.patch_size, s))        # (B, 3, s*p, s*p)
-        return out
+        for i, (s, (norm, linear)) in enumerate(zip(self.cfg.scales, self.heads)):
+            h = norm(x[:, self.bounds[i]:self.bounds[i + 1]])          # (B, s*s, D)
+            out.append(unpatchify(linear(h), self.cfg.patch_size, s))   # (B, s*s, p*p*3) -> (B, 3, s*p, s*p)
+        return (out, h) if features else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,9 +382,13 @@ class HieraTok(nn.Module):
         """z (B, d, S, S) -> list of images, one per scale, coarse to fine; the last is full size."""
         return self.decode_tokens(self.tokens(z))
 
-    def forward(self, x, sample=True):
+    def forward(self, x, sample=True, features=False):
+        """-> (recons, mean, logvar); with `features`, the finest head's input (B, S*S, D) comes fourth."""
         mean, logvar, z = self.encode(x, sample)
-        return self.decode(z), mean, logvar
+        if not features:
+            return self.decode(z), mean, logvar
+        recons, feats = self.decoder(self.tokens(z), features=True)
+        return recons, mean, logvar, feats
 
     def loss(self, x, lpips=None, sample=True):
         """Stage-1 objective on a batch: (total, recons, terms); see `reconstruction_loss`."""
@@ -476,12 +482,22 @@ def hinge_d_loss(logits_real, logits_fake):
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def adaptive_weight(rec_loss, g_loss, last_layer, max_weight=1e4):
-    """VQGAN's balance: ||grad rec|| / ||grad gan|| at the decoder's last layer, so the adversarial
-    term neither swamps nor vanishes next to the reconstruction term."""
-    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+def adaptive_weight(g_rec, g_other, max_weight=1e4):
+    """VQGAN's balance from two gradients at one last layer: ||grad rec|| / ||grad other||, so the
+    adversarial (or VF) term neither swamps nor vanishes next to the reconstruction term."""
+    return (g_rec.norm() / (g_other.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+def head_weight_grad(loss, image, feats, patch):
+    """d loss / d W for W the linear weight of the finest head, which made `image` (B, 3, H, W) from
+    `feats` (B, N, D), by the chain rule through that one layer: W.grad = sum over tokens of output
+    gradient x input. The output gradient is the image's gradient cut back into patches (unpatchify
+    only moves values), so autograd stops at the image and never enters the model. Asking autograd
+    for W.grad itself gives the same numbers, but under torch.compile it runs the model's whole
+    compiled backward to get them, twice per step."""
+    g = torch.autograd.grad(loss, image, retain_graph=True)[0]            # (B, 3, H, W)
+    g = patchify(g.float(), patch).flatten(0, 1)                          # (B*N, p*p*3)
+    return g.T @ feats.detach().float().flatten(0, 1)                     # (p*p*3, D), the shape of W
 
 
 class VFLoss(nn.Module):

@@ -214,6 +214,23 @@ def test_tiny_overfits_one_batch():
 # VF alignment loss
 
 
+def test_head_weight_grad_is_the_last_layer_gradient():
+    """The GAN stage's adaptive weight forms the finest head's weight gradient by the chain rule from
+    the image gradient; it must equal autograd's, for a pixel loss and a discriminator loss."""
+    torch.manual_seed(0)
+    model = H.HieraTok(small_cfg())
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    recons, mean, logvar, feats = model(x, sample=False, features=True)
+    assert torch.equal(recons[-1], model(x, sample=False)[0][-1])
+    rec_loss, _ = H.reconstruction_loss(model.cfg, x, recons, mean, logvar)
+    g_loss = -H.Discriminator(ch=32, n_layers=2)(recons[-1]).mean()
+    weight = model.decoder.heads[-1][1].weight
+    for loss in (rec_loss, g_loss):
+        want = torch.autograd.grad(loss, weight, retain_graph=True)[0]
+        got = H.head_weight_grad(loss, recons[-1], feats, model.cfg.patch_size)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)
+
+
 def test_vf_loss_zero_at_alignment_and_gradients():
     torch.manual_seed(0)
     feats = H.RandomFeatures(patch=4, dim=8)

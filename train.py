@@ -24,6 +24,7 @@ import os
 import time
 
 import torch
+import torch._functorch.config                              # donated_buffer (see --compile below)
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -392,8 +393,8 @@ elif dit_job:
         f"std {[round(v, 3) for v in raw.latent_std.flatten().tolist()]}")
 if args.compile:                                           # after loading weights, before DDP
     if disc is not None or vf is not None:
-        # the adaptive GAN / VF weights differentiate the same compiled graph twice (retain_graph), which
-        # compiled backward graphs allow only without buffer donation
+        # the adaptive weights run a compiled backward twice (retain_graph): the VF weight the model's,
+        # the GAN weight LPIPS's; compiled backward graphs allow that only without buffer donation
         torch._functorch.config.donated_buffer = False
     model = torch.compile(raw)
     lpips = torch.compile(lpips) if lpips is not None else None
@@ -460,7 +461,6 @@ if step >= steps:
     log(f"already trained to step {step} of {steps}; nothing to do")
 flops_per_image = 3 * (H.dit_flops(cfg) if dit_job else H.tokenizer_flops(cfg))
 peak = H.peak_flops(device)
-last_layer = raw.decoder.heads[-1][1].weight if disc is not None else None
 stream = batches(loader, sampler, pos)
 sums, t0, t_steps = {}, time.time(), 0
 bar = tqdm(total=steps, initial=step, disable=not master, dynamic_ncols=True, desc=args.job)
@@ -482,12 +482,17 @@ while step < steps:
                 x, _ = next(stream)
                 x = random_flip(H.to_float(x.to(device, non_blocking=True)))
                 with amp:
-                    recons, mean, logvar = model(x)
+                    if disc is None:
+                        recons, mean, logvar = model(x)
+                    else:                                  # the finest head's input, for the adaptive weight
+                        recons, mean, logvar, feats = model(x, features=True)
                     loss, terms = H.reconstruction_loss(cfg, x, recons, mean, logvar, lpips)
                     rec_loss = loss
                     if vf is not None:                     # align the latent with frozen features
                         vf_loss = vf(mean, x)
-                        w = H.adaptive_weight(rec_loss, vf_loss, raw.encoder.to_moments.weight) * args.vf_weight
+                        last = raw.encoder.to_moments.weight
+                        w = H.adaptive_weight(*[torch.autograd.grad(t, last, retain_graph=True)[0]
+                                                for t in (rec_loss, vf_loss)]) * args.vf_weight
                         loss = loss + w * vf_loss
                         terms.update(vf_loss=vf_loss.detach(), vf_w=w)
                     if disc is not None:
@@ -497,7 +502,8 @@ while step < steps:
                             g_loss = -disc(recons[-1]).float().mean()
                             disc.requires_grad_(True)
                             ramp = min(1.0, (step - args.disc_start + 1) / max(1, args.disc_ramp))
-                            w = H.adaptive_weight(rec_loss, g_loss, last_layer) * args.gan_weight * ramp
+                            w = H.adaptive_weight(*[H.head_weight_grad(t, recons[-1], feats, cfg.patch_size)
+                                                    for t in (rec_loss, g_loss)]) * args.gan_weight * ramp
                             loss = loss + w * g_loss
                             terms.update(g_loss=g_loss.detach(), gan_w=w)
                 terms["loss"] = loss.detach()
