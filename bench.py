@@ -9,7 +9,8 @@ TFLOP/s from the FLOPs functions in hieratok.py, MFU against the GPU's bf16 peak
 Parts:
   tokenizer   generator step (forward, backward, AdamW) without LPIPS
   lpips       the same with LPIPS-VGG (random backbone: same cost, no download)
-  gan         the GAN stage's discriminator step (PatchGAN, hinge), FLOPs counted by torch's FlopCounterMode
+  gan         the GAN stage's discriminator step (PatchGAN, hinge; FLOPs from torch's FlopCounterMode) and
+              generator step (tokenizer step + adversarial term and adaptive weight; tokenizer FLOPs only)
   dit         a DiT step (flow matching) on the preset's latent
   ratio       multi-scale / single-scale step time of the same preset beside their FLOP ratio
   attention   scale-causal attention three exact ways: SDPA with a bool mask, with an additive bias, split
@@ -113,8 +114,9 @@ def adamw(model):
     return torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=cuda)
 
 
-def tokenizer_step(cfg, lpips=None):
-    """One generator step as train.py runs it; returns a closure."""
+def tokenizer_step(cfg, lpips=None, disc=None):
+    """One generator step as train.py runs it, with the GAN stage's adversarial term and its adaptive
+    weight when a (frozen) discriminator is given; returns a closure."""
     model = H.HieraTok(cfg).to(device).train()
     fwd = torch.compile(model) if args.compile else model
     opt = adamw(model)
@@ -122,8 +124,15 @@ def tokenizer_step(cfg, lpips=None):
 
     def step():
         with amp:
-            recons, mean, logvar = fwd(x)
+            if disc is None:
+                recons, mean, logvar = fwd(x)
+            else:
+                recons, mean, logvar, feats = fwd(x, features=True)
             loss, _ = H.reconstruction_loss(cfg, x, recons, mean, logvar, lpips)
+            if disc is not None:
+                g_loss = -disc(recons[-1]).float().mean()
+                w = H.adaptive_weight(*[H.head_weight_grad(t, recons[-1], feats, cfg.patch_size) for t in (loss, g_loss)])
+                loss = loss + 0.6 * w * g_loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -156,6 +165,8 @@ def bench_gan():
         opt.step()
         opt.zero_grad(set_to_none=True)
     report("discriminator step", timed(step), fc.get_total_flops(), n=2 * batch)
+    frozen = H.Discriminator().to(device).requires_grad_(False)      # eager, as in train.py
+    report(f"GAN generator step ({args.preset})", timed(tokenizer_step(cfg, disc=frozen)), 3 * H.tokenizer_flops(cfg))
 
 
 def dit_step():
