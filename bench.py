@@ -131,7 +131,7 @@ def tokenizer_step(cfg, lpips=None, disc=None):
             loss, _ = H.reconstruction_loss(cfg, x, recons, mean, logvar, lpips)
             if disc is not None:
                 g_loss = -disc(recons[-1]).float().mean()
-                w = H.adaptive_weight(*[H.head_weight_grad(t, recons[-1], feats, cfg.patch_size) for t in (loss, g_loss)])
+                w = H.gan_adaptive_weight(loss, g_loss, recons[-1], feats, cfg.patch_size)
                 loss = loss + 0.6 * w * g_loss
         loss.backward()
         opt.step()

@@ -32,9 +32,11 @@ import tempfile
 import warnings
 from dataclasses import dataclass, asdict
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 IMAGENET_CLASSES = 1000
 LPIPS_MIN_SIZE = 32            # LPIPS is applied only to scales whose image is at least this many px
@@ -500,6 +502,11 @@ def head_weight_grad(loss, image, feats, patch):
     return g.T @ feats.detach().float().flatten(0, 1)                     # (p*p*3, D), the shape of W
 
 
+def gan_adaptive_weight(rec_loss, g_loss, image, feats, patch):
+    """The GAN stage's adaptive weight at the finest head's linear layer (see head_weight_grad)."""
+    return adaptive_weight(*[head_weight_grad(t, image, feats, patch) for t in (rec_loss, g_loss)])
+
+
 class VFLoss(nn.Module):
     """VA-VAE's vision-foundation alignment (the scaled-up recipe). The latent z is projected to the
     feature width by a learnable 1x1 layer and aligned with a frozen network's patch features:
@@ -913,8 +920,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG")
 def center_crop_arr(img, size):
     """ADM's center crop: halve with a box filter while the image is at least twice the target,
     resize the short side to `size` (bicubic), crop the center. PIL image -> uint8 (size, size, 3)."""
-    from PIL import Image
-    import numpy as np
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = size / min(img.size)
@@ -944,7 +949,6 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
         for j in range(len(self.files)):
             path, label = self.files[(i + j) % len(self.files)]
             try:
@@ -972,7 +976,6 @@ class Shapes(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, i):
-        import numpy as np
         rng = np.random.default_rng(i)
         label = i % len(self.classes)
         n = self.size

@@ -225,10 +225,13 @@ def test_head_weight_grad_is_the_last_layer_gradient():
     rec_loss, _ = H.reconstruction_loss(model.cfg, x, recons, mean, logvar)
     g_loss = -H.Discriminator(ch=32, n_layers=2)(recons[-1]).mean()
     weight = model.decoder.heads[-1][1].weight
+    wants = []
     for loss in (rec_loss, g_loss):
-        want = torch.autograd.grad(loss, weight, retain_graph=True)[0]
+        wants.append(torch.autograd.grad(loss, weight, retain_graph=True)[0])
         got = H.head_weight_grad(loss, recons[-1], feats, model.cfg.patch_size)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(got, wants[-1], rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(H.gan_adaptive_weight(rec_loss, g_loss, recons[-1], feats, model.cfg.patch_size),
+                               H.adaptive_weight(*wants), rtol=1e-4, atol=0)
 
 
 def test_vf_loss_zero_at_alignment_and_gradients():

@@ -171,10 +171,10 @@ if args.vf_weight > 0:
     if dit_job or args.freeze_encoder:
         fail("the VF loss shapes the encoder's latent: use it in the tokenizer or GAN job, without --freeze_encoder")
     try:
-        feats = H.RandomFeatures() if args.vf_model == "random" else H.DINOv2Features(args.vf_weights, args.vf_repo)
+        net = H.RandomFeatures() if args.vf_model == "random" else H.DINOv2Features(args.vf_weights, args.vf_repo)
     except FileNotFoundError as e:
         fail(str(e))
-    vf = H.VFLoss(feats, feats.dim, cfg.latent_dim, args.vf_margin_cos, args.vf_margin_dist).to(device)
+    vf = H.VFLoss(net, net.dim, cfg.latent_dim, args.vf_margin_cos, args.vf_margin_dist).to(device)
 if not dit_job and cfg.lpips_weight > 0:
     try:                                                   # fail before any work if the weights are missing
         lpips = H.build_lpips(args.lpips_weights).to(device)
@@ -502,8 +502,8 @@ while step < steps:
                             g_loss = -disc(recons[-1]).float().mean()
                             disc.requires_grad_(True)
                             ramp = min(1.0, (step - args.disc_start + 1) / max(1, args.disc_ramp))
-                            w = H.adaptive_weight(*[H.head_weight_grad(t, recons[-1], feats, cfg.patch_size)
-                                                    for t in (rec_loss, g_loss)]) * args.gan_weight * ramp
+                            w = H.gan_adaptive_weight(rec_loss, g_loss, recons[-1], feats, cfg.patch_size)
+                            w = w * args.gan_weight * ramp
                             loss = loss + w * g_loss
                             terms.update(g_loss=g_loss.detach(), gan_w=w)
                 terms["loss"] = loss.detach()
