@@ -3,34 +3,40 @@ HieraTok: a multi-scale ViT image tokenizer and a DiT on its latents, in one fil
 Paper: "HieraTok: Multi-Scale Visual Tokenizer Improves Image Reconstruction and Generation"
 (arXiv 2509.23736). Read top to bottom; each section builds on the ones above it.
 
-  1. Primitives ............ patchify / unpatchify, sin-cos table, area pooling, LayerNorm2d, DropPath
-  2. Transformer block ..... Attention (SDPA, optional boolean mask), MLP, Block
-  3. Encoder ............... ViT: image -> posterior over the latent z (B, d, S, S)
-  4. Downsampler ........... z -> decoder width -> token maps at every scale (conv | interp)
-  5. Decoder ............... scale-masked ViT over the coarse-to-fine sequence, one head per scale
-  6. Tokenizer ............. HieraTok: encode / tokens / decode_tokens / decode / loss
-  7. Losses ................ KL, LPIPS (offline weights), PatchGAN discriminator, hinge, adaptive weight,
-                             VF alignment loss (VA-VAE) for the scaled-up recipe
-  8. DiT ................... Peebles & Xie's adaLN-Zero transformer on z
-  9. Flow matching ......... loss, CFG velocity, Euler / Heun sampler, per-sample seeded noise
- 10. FLOPs ................. forward FLOPs per image (tokenizer, DiT) for MFU
- 11. Presets and checkpoints  TOKENIZER_PRESETS, DIT_PRESETS, atomic save, one loading path
- 12. Data .................. ImageFolder with ADM center crop, the built-in Shapes data set
+  1. Primitives ........... patchify / unpatchify, sin-cos table, area pool, LayerNorm2d, DropPath
+  2. Transformer block .... Attention (SDPA with an optional boolean mask), MLP, Block
+  3. Configuration ........ HieraTokConfig, per-scale loss weights, config fields as flags
+  4. Encoder .............. ViT: image -> posterior over the latent z (B, d, S, S)
+  5. Downsampler .......... z -> decoder width -> token maps at every scale (conv | interp)
+  6. Decoder .............. scale-masked ViT over the coarse-to-fine sequence, one head per scale
+  7. Tokenizer ............ HieraTok: encode / tokens / decode_tokens / decode (progressive: upto=k)
+  8. Losses ............... reconstruction, KL, LPIPS (offline weights), PatchGAN, hinge, adaptive
+                            weight, VF alignment loss (VA-VAE) for the scaled-up recipe
+  9. DiT .................. Peebles & Xie's adaLN-Zero transformer on z
+ 10. Flow matching ........ loss, CFG velocity, Euler / Heun sampler, per-sample seeded noise
+ 11. FLOPs ................ forward FLOPs per image (encoder, decoder prefix, DiT), GPU peaks, MFU
+ 12. Presets and training . TOKENIZER_PRESETS, DIT_PRESETS, AdamW groups, checkpoints, loading
+ 13. Data ................. ImageFolder with ADM center crop, the built-in Shapes data set
 
-Notable choices (see DESIGN.md of the project for the reasoning):
+Notable choices (the README's design notes give the reasoning):
 - Images live in [-1, 1]. The latent the DiT learns is z before any downsampling, so single- and
-  multi-scale tokenizers hand the DiT the same (B, d, 16, 16) tensor.
+  multi-scale tokenizers hand the DiT the same (B, d, S, S) tensor.
 - Scale-causal attention is one boolean mask built once from per-token scale indices and handed to
-  SDPA; an exact split path (the finest scale, 3/4 of the tokens, runs unmasked) is an option.
+  SDPA. Because of it the first k scales' images depend only on the first k token maps: decoding a
+  prefix of the sequence gives exactly the full decode's first k images (progressive decoding).
 - The DiT is trained with flow matching (x_t = (1-t) x0 + t eps, velocity target) and sampled
   with an ODE; per-sample seeds make samples independent of batch size and GPU count.
 """
 
+import argparse
+import inspect
 import math
 import os
+import re
 import tempfile
 import warnings
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 IMAGENET_CLASSES = 1000
-LPIPS_MIN_SIZE = 32            # LPIPS is applied only to scales whose image is at least this many px
+LPIPS_MIN_SIZE = 32            # LPIPS only on scales whose image is at least this many px
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16 weights, the LPIPS backbone
 
 # ----------------------------------------------------------------------------------------------
@@ -61,7 +67,7 @@ def unpatchify(x, p, h, C=3):
 
 
 def sincos_2d(dim, grid):
-    """Fixed 2-D sin-cos position table (grid*grid, dim): half the channels encode rows, half columns."""
+    """Fixed 2-D sin-cos position table (grid*grid, dim): half the channels rows, half columns."""
     assert dim % 4 == 0, "sin-cos embedding needs a width divisible by 4"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     pos = torch.arange(grid, dtype=torch.float64)
@@ -112,21 +118,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask=None, split=None):
-        """x (B, L, D). mask: None or bool (L, L), True = may attend. split = (n, k0) takes the exact
-        two-call path for scale masks: queries from n on (the finest scale) see keys from k0 on with
-        no mask (k0 = 0 in causal mode, k0 = n in independent mode); only the short prefix of n
-        coarse tokens runs with the mask."""
+    def forward(self, x, mask=None):
+        """x (B, L, D); mask None or bool (L, L), True = query (row) may see key (column)."""
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3x (B, H, L, Dh)
-        if split is not None:
-            n, k0 = split
-            pre = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], attn_mask=mask[:n, :n])
-            fine = F.scaled_dot_product_attention(q[:, :, n:], k[:, :, k0:], v[:, :, k0:])
-            out = torch.cat([pre, fine], dim=2)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
+        qkv = self.qkv(x).view(B, L, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                          # 3x (B, H, L, Dh)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))       # (B, L, D)
 
 
 class MLP(nn.Module):
@@ -150,13 +148,13 @@ class Block(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio), bias=bias)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, mask=None, split=None):
-        x = x + self.drop_path(self.attn(self.norm1(x), mask, split))
+    def forward(self, x, mask=None):
+        x = x + self.drop_path(self.attn(self.norm1(x), mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 def init_vit(module):
-    """ViT initialisation (the paper: truncated normal, std 0.02): linears and convs, zero biases."""
+    """ViT initialisation (the paper: truncated normal, std 0.02) of linears, convs; zero bias."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -168,7 +166,8 @@ def init_vit(module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration (one dataclass; presets in section 11 are dicts of overrides)
+# 3. Configuration: one dataclass per model (the DiT's is in section 9); presets (section 12) are
+#    dicts of overrides; every field is also a train.py flag (add_config_flags).
 
 
 @dataclass
@@ -182,32 +181,41 @@ class HieraTokConfig:
     dec_dim: int = 1024              # decoder width
     dec_heads: int = 16              # decoder attention heads
     mlp_ratio: float = 4.0           # MLP hidden = mlp_ratio * width
-    drop_path: float = 0.1           # decoder stochastic depth (encoder uses none, as in the paper)
+    drop_path: float = 0.1           # decoder stochastic depth (the encoder has none, as the paper)
     latent_dim: int = 16             # d, channels of the KL latent z
-    scales: tuple = (1, 2, 4, 8, 16)  # token-map sides, coarse to fine; last = latent grid; (16,) = single scale
+    scales: tuple = (1, 2, 4, 8, 16)  # token-map sides, coarse to fine, ending at the latent grid
     downsampler: str = "conv"        # "conv" (learned, ViTDet-style) | "interp" (area pooling)
     attention: str = "causal"        # "causal" | "independent" | "full"
-    attn_split: bool = False         # exact mask-free path for the finest scale (see Attention); slower on H100
     l1_weight: float = 1.0           # per-pixel L1
     mse_weight: float = 0.4          # per-pixel MSE
     lpips_weight: float = 1.0        # LPIPS (VGG), only on scales of at least LPIPS_MIN_SIZE px
     kl_weight: float = 1e-6          # KL to N(0, I), summed over latent elements, mean over batch
+    full_weight: float = 1.0         # full-resolution loss weight, against 1 for each coarser scale
+    scale_reduce: str = "mean"       # "mean": scale weights scaled to sum 1 | "sum": used as given
 
     def __post_init__(self):
         self.scales = tuple(int(s) for s in self.scales)
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
-                             f"pick sizes with image_size = k * patch_size")
-        grid = self.grid
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size "
+                             f"{self.patch_size}; pick sizes with image_size = k * patch_size")
+        for name in ("enc", "dec"):
+            dim, heads = getattr(self, f"{name}_dim"), getattr(self, f"{name}_heads")
+            if heads < 1 or dim % heads:
+                raise ValueError(f"{name}_dim {dim} is not divisible by {name}_heads {heads}")
         if any(b <= a for a, b in zip(self.scales, self.scales[1:])) or self.scales[0] < 1:
-            raise ValueError(f"scales {list(self.scales)} must be positive and strictly increasing (coarse to fine)")
-        if self.scales[-1] != grid:
-            raise ValueError(f"scales {list(self.scales)} must end with the full latent grid {grid} "
-                             f"(image_size / patch_size)")
+            raise ValueError(f"scales {list(self.scales)} must be positive and strictly increasing "
+                             f"(coarse to fine)")
+        if self.scales[-1] != self.grid:
+            raise ValueError(f"scales {list(self.scales)} must end with the full latent grid "
+                             f"{self.grid} (image_size / patch_size)")
         if self.downsampler not in ("conv", "interp"):
             raise ValueError(f"unknown downsampler {self.downsampler!r}; use 'conv' or 'interp'")
         if self.attention not in ("causal", "independent", "full"):
-            raise ValueError(f"unknown attention {self.attention!r}; use 'causal', 'independent' or 'full'")
+            raise ValueError(f"unknown attention {self.attention!r}; use 'causal', 'independent' "
+                             f"or 'full'")
+        if self.scale_reduce not in ("mean", "sum") or self.full_weight <= 0:
+            raise ValueError(f"scale weighting full_weight {self.full_weight}, scale_reduce "
+                             f"{self.scale_reduce!r}: need full_weight > 0 and 'mean' or 'sum'")
 
     @property
     def grid(self):
@@ -217,9 +225,55 @@ class HieraTokConfig:
     def num_tokens(self):
         return sum(s * s for s in self.scales)
 
+    @property
+    def scale_weights(self):
+        """Each scale's reconstruction-loss weight, coarse to fine: 1 per coarser scale and
+        full_weight for the full resolution, divided by their sum under "mean" or used as they are
+        under "sum". Defaults (1, "mean"): every scale 1/n, today's equal average; (1, "sum"): the
+        paper's full-resolution objective plus the multi-scale one (Eq. 8-9); a single scale gets 1
+        either way. Under Adam, mean vs sum only moves the KL (and GAN) term's relative strength;
+        full_weight moves the balance between scales."""
+        w = [1.0] * (len(self.scales) - 1) + [float(self.full_weight)]
+        return tuple(v / sum(w) for v in w) if self.scale_reduce == "mean" else tuple(w)
+
+
+def field_comments(cls):
+    """{field: its trailing comment} read from a config dataclass's source: the flags' help."""
+    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+
+
+def add_config_flags(parser, cls, defaults, prefix="", skip=(), aliases=None):
+    """One flag per field of the config dataclass `cls`: --<prefix><field>, typed from the field's
+    default (a tuple takes several values, a bool is --x / --no-x), its help the field's comment
+    with the value in `defaults` (the resolved preset). A flag not given is absent from the parsed
+    namespace (argparse.SUPPRESS), so `config_overrides` returns only what was typed."""
+    group = parser.add_argument_group(f"{cls.__name__} (every field; defaults: the preset)")
+    helps = field_comments(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        value = defaults.get(f.name, f.default)
+        if isinstance(value, bool):
+            kind = dict(action=argparse.BooleanOptionalAction)
+        elif isinstance(value, (tuple, list)):
+            kind = dict(type=type(value[0]), nargs="+")
+        else:
+            kind = dict(type=type(value))
+        names = [f"--{prefix}{f.name}"] + [f"--{a}" for a in (aliases or {}).get(f.name, ())]
+        shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+        text = f"{helps.get(f.name, f.name)} (default: {shown})".replace("%", "%%")
+        group.add_argument(*names, dest=prefix + f.name, default=argparse.SUPPRESS, help=text,
+                           **kind)
+
+
+def config_overrides(args, cls, prefix=""):
+    """The fields of `cls` given on the command line (see add_config_flags): {field: value}."""
+    return {f.name: getattr(args, prefix + f.name) for f in fields(cls)
+            if hasattr(args, prefix + f.name)}
+
 
 # ----------------------------------------------------------------------------------------------
-# 3. Encoder
+# 4. Encoder
 
 
 class Encoder(nn.Module):
@@ -230,20 +284,30 @@ class Encoder(nn.Module):
         self.grid = cfg.grid
         self.patch_embed = nn.Conv2d(3, cfg.enc_dim, cfg.patch_size, stride=cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid ** 2, cfg.enc_dim))
-        self.blocks = nn.ModuleList(Block(cfg.enc_dim, cfg.enc_heads, cfg.mlp_ratio) for _ in range(cfg.enc_depth))
+        self.blocks = nn.ModuleList(Block(cfg.enc_dim, cfg.enc_heads, cfg.mlp_ratio)
+                                    for _ in range(cfg.enc_depth))
         self.norm = nn.LayerNorm(cfg.enc_dim, eps=1e-6)
         self.to_moments = nn.Linear(cfg.enc_dim, 2 * cfg.latent_dim)
 
     def forward(self, x):
-        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, S*S, D)
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed     # (B, S*S, D)
         for blk in self.blocks:
             x = blk(x)
-        m = self.to_moments(self.norm(x))                                    # (B, S*S, 2d)
+        m = self.to_moments(self.norm(x))                                       # (B, S*S, 2d)
         return m.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)  # (B, 2d, S, S)
 
 
+def sample_posterior(moments, sample=True):
+    """Posterior moments (B, 2d, S, S) -> (mean, logvar, z), z = mean + std * N(0, I) when `sample`,
+    else the mean: the one sampling rule of the encoder and the DiT's latent cache."""
+    mean, logvar = moments.chunk(2, dim=1)
+    logvar = logvar.clamp(-30.0, 20.0)                       # as in LDM: exp() stays finite
+    z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+    return mean, logvar, z
+
+
 # ----------------------------------------------------------------------------------------------
-# 4. Downsampler
+# 5. Downsampler
 
 
 class ScaleDown(nn.Module):
@@ -255,28 +319,19 @@ class ScaleDown(nn.Module):
         super().__init__()
         k, stride = (S // s, S // s) if S % s == 0 else (S - s + 1, 1)
         self.net = nn.Sequential(
-            nn.Conv2d(dim, dim, k, stride=stride, groups=dim, bias=False), LayerNorm2d(dim, eps=1e-6),
+            nn.Conv2d(dim, dim, k, stride=stride, groups=dim, bias=False),
+            LayerNorm2d(dim, eps=1e-6),
             nn.Conv2d(dim, dim, 1, bias=False), LayerNorm2d(dim, eps=1e-6),
             nn.Conv2d(dim, dim, 3, padding=1, bias=False), LayerNorm2d(dim, eps=1e-6))
 
     def forward(self, h):
-        resample = self.net[0]
-        k = resample.kernel_size[0]
-        if resample.stride[0] == k:
-            # Non-overlapping windows: the depthwise conv is a weighted sum per window, written as a
-            # reshape. Same function, but cuDNN's depthwise backward took 2.2 ms per H100 step over the
-            # four coarse scales; this is one fused element-wise reduction.
-            B, D, S, _ = h.shape
-            w = resample.weight.view(1, D, 1, k, 1, k)
-            x = (h.view(B, D, S // k, k, S // k, k) * w).sum((3, 5))  # (B, D, s, s)
-        else:
-            x = resample(h)
-        return self.net[1:](x)
+        return self.net(h)                                   # (B, D, S, S) -> (B, D, s, s)
 
 
 class Downsampler(nn.Module):
-    """Full-resolution token map h (B, D, S, S) -> list of maps (B, D, s, s), coarse to fine.
-    The finest entry is h itself. 'interp' is area pooling (parameter free)."""
+    """Full-resolution token map h (B, D, S, S) -> list of maps (B, D, s, s), coarse to fine, for
+    the first `upto` scales (all by default); the finest entry is h itself. 'interp' is area
+    pooling (parameter free)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -284,16 +339,18 @@ class Downsampler(nn.Module):
         if self.mode == "conv":
             self.down = nn.ModuleList(ScaleDown(cfg.dec_dim, cfg.grid, s) for s in cfg.scales[:-1])
 
-    def forward(self, h):
+    def forward(self, h, upto=None):
+        k = upto or len(self.scales)
+        coarse = range(min(k, len(self.scales) - 1))         # the coarser scales asked for
         if self.mode == "interp":
-            coarse = [area_pool(h, s) for s in self.scales[:-1]]
+            maps = [area_pool(h, self.scales[i]) for i in coarse]
         else:
-            coarse = [down(h) for down in self.down]
-        return coarse + [h]
+            maps = [self.down[i](h) for i in coarse]
+        return maps + [h] if k == len(self.scales) else maps
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Decoder
+# 6. Decoder
 
 
 def scale_mask(scales, attention):
@@ -306,7 +363,9 @@ def scale_mask(scales, attention):
 
 
 class Decoder(nn.Module):
-    """Coarse-to-fine token sequence (B, L, D) -> one image per scale, coarse to fine."""
+    """Coarse-to-fine token sequence (B, L, D) -> one image per scale, coarse to fine. The sequence
+    may be a prefix holding the first k scales (progressive decoding): a causal or independent
+    mask's top-left block is that prefix's own mask, so the k images equal the full decode's."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -318,29 +377,49 @@ class Decoder(nn.Module):
         self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(D, eps=1e-6), nn.Linear(D, p * p * 3))
                                    for _ in cfg.scales)
         self.register_buffer("mask", scale_mask(cfg.scales, cfg.attention), persistent=False)
-        self.bounds = [0]                                    # per-scale token offsets into the sequence
+        self.bounds = [0]                                    # per-scale offsets in the sequence
         for s in cfg.scales:
             self.bounds.append(self.bounds[-1] + s * s)
-        # split path: the finest scale sees every key (causal) or only itself (independent), so it
-        # needs no mask; with no mask at all (full, single scale) there is nothing to split.
-        n = self.bounds[-2]
-        self.split = (n, 0 if cfg.attention == "causal" else n) if cfg.attn_split and self.mask is not None else None
 
-    def forward(self, tokens, features=False):
-        """With `features`, also return the finest head's input (B, S*S, D), the LayerNorm output its
-        linear layer reads: the GAN stage's adaptive weight needs it (see `head_weight_grad`)."""
+    def prefix_scales(self, L):
+        """How many scales a sequence of L tokens holds; refuses lengths that are no prefix, and
+        prefixes under full attention, where coarse outputs also see finer tokens."""
+        if L not in self.bounds[1:]:
+            raise ValueError(f"{L} tokens is not a whole number of scales; prefix lengths are "
+                             f"{self.bounds[1:]} for scales {list(self.cfg.scales)}")
+        k = self.bounds.index(L)
+        if k < len(self.cfg.scales) and self.cfg.attention == "full":
+            raise ValueError("progressive decoding needs causal or independent attention: under "
+                             "full attention coarse outputs depend on finer tokens")
+        return k
+
+    def forward(self, tokens):
+        """-> (images, head_input): images (B, 3, s*p, s*p) for each scale in the sequence, and
+        the finest of those heads' input (B, s*s, D), the LayerNorm output its linear layer reads
+        (the GAN stage's adaptive weight needs it, see `head_weight_grad`)."""
+        L = tokens.shape[1]
+        k = self.prefix_scales(L)
+        mask = self.mask[:L, :L] if self.mask is not None else None
         x = tokens
         for blk in self.blocks:
-            x = blk(x, self.mask, self.split)
-        out = []
-        for i, (s, (norm, linear)) in enumerate(zip(self.cfg.scales, self.heads)):
-            h = norm(x[:, self.bounds[i]:self.bounds[i + 1]])          # (B, s*s, D)
-            out.append(unpatchify(linear(h), self.cfg.patch_size, s))   # (B, s*s, p*p*3) -> (B, 3, s*p, s*p)
-        return (out, h) if features else out
+            x = blk(x, mask)
+        images = []
+        for i, (s, (norm, linear)) in enumerate(zip(self.cfg.scales[:k], self.heads)):
+            h = norm(x[:, self.bounds[i]:self.bounds[i + 1]])           # (B, s*s, D)
+            images.append(unpatchify(linear(h), self.cfg.patch_size, s))  # (B, 3, s*p, s*p)
+        return images, h
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Tokenizer
+# 7. Tokenizer
+
+
+class Output(NamedTuple):
+    """What HieraTok.forward returns, whatever its arguments."""
+    recons: list                     # one image (B, 3, s*p, s*p) per scale, coarse to fine
+    mean: torch.Tensor               # posterior mean (B, d, S, S)
+    logvar: torch.Tensor             # posterior log-variance (B, d, S, S)
+    head_input: torch.Tensor         # the finest head's input (B, S*S, D), for the GAN's weight
 
 
 class HieraTok(nn.Module):
@@ -349,63 +428,69 @@ class HieraTok(nn.Module):
         self.cfg = cfg
         D, S = cfg.dec_dim, cfg.grid
         self.encoder = Encoder(cfg)
-        self.latent_proj = nn.Linear(cfg.latent_dim, D)                 # z -> decoder width, per token
+        self.latent_proj = nn.Linear(cfg.latent_dim, D)                 # z -> decoder width
         self.downsampler = Downsampler(cfg)
-        self.pos_table = nn.Parameter(torch.zeros(1, D, S, S))          # spatial table at the full grid
+        self.pos_table = nn.Parameter(torch.zeros(1, D, S, S))          # at the full grid
         self.scale_embed = nn.Parameter(torch.zeros(len(cfg.scales), D))  # one embedding per scale
         self.decoder = Decoder(cfg)
         init_vit(self)
         for p in (self.encoder.pos_embed, self.pos_table, self.scale_embed):
             nn.init.trunc_normal_(p, std=0.02)
 
-    def encode(self, x, sample=True):
-        """x (B, 3, H, W) in [-1, 1] -> (mean, logvar, z), each (B, d, S, S). z is a posterior sample
-        when `sample`, else the mean."""
-        mean, logvar = self.encoder(x).chunk(2, dim=1)
-        logvar = logvar.clamp(-30.0, 20.0)
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
-        return mean, logvar, z
+    def no_weight_decay(self):
+        """Parameters that AdamW must not decay besides 1-D ones: the position and scale tables."""
+        return {"encoder.pos_embed", "pos_table", "scale_embed"}
 
-    def tokens(self, z):
-        """z (B, d, S, S) -> coarse-to-fine decoder tokens (B, L, D) with L = sum(s*s)."""
+    def encode(self, x, sample=True):
+        """x (B, 3, H, W) in [-1, 1] -> (mean, logvar, z), each (B, d, S, S). z is a posterior
+        sample when `sample`, else the mean."""
+        return sample_posterior(self.encoder(x), sample)
+
+    def tokens(self, z, upto=None):
+        """z (B, d, S, S) -> coarse-to-fine decoder tokens (B, L, D), L = sum(s*s) over the first
+        `upto` scales (all by default)."""
         h = self.latent_proj(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, D, S, S)
         seq = []
-        for i, m in enumerate(self.downsampler(h)):
+        for i, m in enumerate(self.downsampler(h, upto)):
             s = m.shape[-1]
             pos = area_pool(self.pos_table, s) + self.scale_embed[i][:, None, None]  # (1, D, s, s)
             seq.append((m + pos).flatten(2).transpose(1, 2))             # (B, s*s, D)
         return torch.cat(seq, dim=1)
 
     def decode_tokens(self, tokens):
-        """(B, L, D) -> list of images (B, 3, s*p, s*p), coarse to fine."""
-        return self.decoder(tokens)
+        """(B, L, D) -> list of images (B, 3, s*p, s*p), coarse to fine, one per scale in tokens."""
+        return self.decoder(tokens)[0]
 
-    def decode(self, z):
-        """z (B, d, S, S) -> list of images, one per scale, coarse to fine; the last is full size."""
-        return self.decode_tokens(self.tokens(z))
+    def decode(self, z, upto=None):
+        """z (B, d, S, S) -> list of images, one per scale, coarse to fine; the last is full size.
+        With `upto` = k only the first k scales' tokens are built and decoded: the k images equal
+        the full decode's first k (causal or independent attention) at a fraction of the cost."""
+        return self.decode_tokens(self.tokens(z, upto))
 
-    def forward(self, x, sample=True, features=False):
-        """-> (recons, mean, logvar); with `features`, the finest head's input (B, S*S, D) comes fourth."""
+    def forward(self, x, sample=True):
+        """Images (B, 3, H, W) -> Output(recons, mean, logvar, head_input)."""
         mean, logvar, z = self.encode(x, sample)
-        if not features:
-            return self.decode(z), mean, logvar
-        recons, feats = self.decoder(self.tokens(z), features=True)
-        return recons, mean, logvar, feats
+        recons, head_input = self.decoder(self.tokens(z))
+        return Output(recons, mean, logvar, head_input)
 
     def loss(self, x, lpips=None, sample=True):
         """Stage-1 objective on a batch: (total, recons, terms); see `reconstruction_loss`."""
-        recons, mean, logvar = self(x, sample)
-        total, terms = reconstruction_loss(self.cfg, x, recons, mean, logvar, lpips)
-        return total, recons, terms
+        out = self(x, sample)
+        total, terms = reconstruction_loss(self.cfg, x, out.recons, out.mean, out.logvar, lpips)
+        return total, out.recons, terms
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Losses
 
 
 def reconstruction_loss(cfg, x, recons, mean, logvar, lpips=None):
-    """L1 + 0.4 MSE + LPIPS per scale against the input area-downsampled to that scale, scales
-    averaged with equal weight, plus the KL term. Returns (total, terms) where terms holds every
-    term per scale, detached, for logging. Takes the model's outputs rather than the model, so
+    """L1 + 0.4 MSE + LPIPS per scale against the input area-downsampled to that scale, weighted
+    by cfg.scale_weights, plus the KL term. Returns (total, terms) where terms holds every term
+    per scale, detached, for logging. Takes the model's outputs rather than the model, so
     train.py can call the model through DDP / torch.compile and still share this one loss."""
     terms, rec_total = {}, 0.0
-    for s, r in zip(cfg.scales, recons):
+    for s, r, w in zip(cfg.scales, recons, cfg.scale_weights):
         t = area_pool(x, r.shape[-1])
         r = r.float()
         l1, mse = (r - t).abs().mean(), (r - t).square().mean()
@@ -416,14 +501,10 @@ def reconstruction_loss(cfg, x, recons, mean, logvar, lpips=None):
             rec = rec + cfg.lpips_weight * lp
             terms[f"lpips_s{s}"] = lp.detach()
         terms[f"rec_s{s}"] = rec.detach()
-        rec_total = rec_total + rec / len(cfg.scales)              # equal weight per scale
+        rec_total = rec_total + w * rec
     kl = kl_divergence(mean.float(), logvar.float())
     terms["rec"], terms["kl"] = rec_total.detach(), kl.detach()
     return rec_total + cfg.kl_weight * kl, terms
-
-
-# ----------------------------------------------------------------------------------------------
-# 7. Losses
 
 
 def kl_divergence(mean, logvar):
@@ -442,25 +523,28 @@ def build_lpips(weights=None, random_backbone=False):
     if not random_backbone and not os.path.isfile(path):
         raise FileNotFoundError(
             f"LPIPS needs torchvision's VGG16 weights and found none at {path}. Either pass "
-            f"--lpips_weights /path/to/{VGG16_FILE}, or fill the torch cache once on a machine with internet "
-            f"(python -c \"import torchvision; torchvision.models.vgg16(weights='IMAGENET1K_V1')\") and copy "
-            f"{torch.hub.get_dir()}/checkpoints/{VGG16_FILE} here; or set the LPIPS weight to 0.")
+            f"--lpips_weights /path/to/{VGG16_FILE}, or fill the torch cache once on a machine "
+            f"with internet (python -c \"import torchvision; torchvision.models.vgg16(weights="
+            f"'IMAGENET1K_V1')\") and copy {torch.hub.get_dir()}/checkpoints/{VGG16_FILE} here; or "
+            f"set the LPIPS weight to 0.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = lpips_pkg.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     if not random_backbone:
         vgg = torchvision.models.vgg16()
         vgg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        for piece in (model.net.slice1, model.net.slice2, model.net.slice3, model.net.slice4, model.net.slice5):
-            for name, layer in piece.named_children():                # children are named by VGG index
+        for piece in (model.net.slice1, model.net.slice2, model.net.slice3, model.net.slice4,
+                      model.net.slice5):
+            for name, layer in piece.named_children():        # children are named by VGG index
                 layer.load_state_dict(vgg.features[int(name)].state_dict())
     model.eval().requires_grad_(False)
     return model
 
 
 class Discriminator(nn.Module):
-    """PatchGAN (pix2pix / VQGAN): strided 4x4 convs to a map of real/fake logits. GroupNorm in place
-    of BatchNorm: no batch statistics to synchronise across ranks, same behaviour in train and eval."""
+    """PatchGAN (pix2pix / VQGAN): strided 4x4 convs to a map of real/fake logits. GroupNorm in
+    place of BatchNorm: no batch statistics to synchronise across ranks, the same in train and
+    eval."""
 
     def __init__(self, ch=64, n_layers=3):
         super().__init__()
@@ -490,30 +574,34 @@ def adaptive_weight(g_rec, g_other, max_weight=1e4):
     return (g_rec.norm() / (g_other.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
-def head_weight_grad(loss, image, feats, patch):
-    """d loss / d W for W the linear weight of the finest head, which made `image` (B, 3, H, W) from
-    `feats` (B, N, D), by the chain rule through that one layer: W.grad = sum over tokens of output
-    gradient x input. The output gradient is the image's gradient cut back into patches (unpatchify
-    only moves values), so autograd stops at the image and never enters the model. Asking autograd
-    for W.grad itself gives the same numbers, but under torch.compile it runs the model's whole
-    compiled backward to get them, twice per step."""
+def head_weight_grad(loss, image, head_input, patch):
+    """d loss / d W for W the linear weight of the finest head, which made `image` (B, 3, H, W)
+    from `head_input` (B, N, D), by the chain rule through that one layer: W.grad = sum over tokens
+    of output gradient x input. The output gradient is the image's gradient cut back into patches
+    (unpatchify only moves values), so autograd stops at the image and never enters the model.
+    Asking autograd for W.grad itself gives the same numbers, but under torch.compile it runs the
+    model's whole compiled backward to get them, twice per step."""
     g = torch.autograd.grad(loss, image, retain_graph=True)[0]            # (B, 3, H, W)
     g = patchify(g.float(), patch).flatten(0, 1)                          # (B*N, p*p*3)
-    return g.T @ feats.detach().float().flatten(0, 1)                     # (p*p*3, D), the shape of W
+    return g.T @ head_input.detach().float().flatten(0, 1)                # (p*p*3, D), as W
 
 
-def gan_adaptive_weight(rec_loss, g_loss, image, feats, patch):
-    """The GAN stage's adaptive weight at the finest head's linear layer (see head_weight_grad)."""
-    return adaptive_weight(*[head_weight_grad(t, image, feats, patch) for t in (rec_loss, g_loss)])
+def gan_adaptive_weight(rec_loss, g_loss, out, patch):
+    """The GAN stage's adaptive weight at the finest head's linear layer (see head_weight_grad);
+    `out` is the tokenizer's Output."""
+    image = out.recons[-1]
+    return adaptive_weight(*[head_weight_grad(t, image, out.head_input, patch)
+                             for t in (rec_loss, g_loss)])
 
 
 class VFLoss(nn.Module):
     """VA-VAE's vision-foundation alignment (the scaled-up recipe). The latent z is projected to the
     feature width by a learnable 1x1 layer and aligned with a frozen network's patch features:
-      - margin cosine similarity, per position:    relu(1 - m1 - cos(z'_i, f_i))
-      - margin distance-matrix similarity, across positions: relu(|cos(z'_i, z'_j) - cos(f_i, f_j)| - m2)
+      - margin cosine similarity, per position: relu(1 - m1 - cos(z'_i, f_i))
+      - margin distance-matrix similarity, across positions:
+        relu(|cos(z'_i, z'_j) - cos(f_i, f_j)| - m2)
     `features` is any frozen module mapping images (B, 3, H, W) in [-1, 1] to (B, N, C) patch
-    features; they are resized to the latent grid. See `dinov2_features` for the default."""
+    features; they are resized to the latent grid. See `DINOv2Features` for the default."""
 
     def __init__(self, features, feat_dim, latent_dim, m_cos=0.5, m_dist=0.25):
         super().__init__()
@@ -521,7 +609,7 @@ class VFLoss(nn.Module):
         self.proj = nn.Linear(latent_dim, feat_dim)
         self.m_cos, self.m_dist = m_cos, m_dist
 
-    def train(self, mode=True):                              # the feature network stays in eval mode
+    def train(self, mode=True):                              # the feature net stays in eval mode
         super().train(mode)
         self.features.eval()
         return self
@@ -532,14 +620,16 @@ class VFLoss(nn.Module):
             f = self.features(x).float()                     # (B, N, C)
             n = int(round(math.sqrt(f.shape[1])))
             f = f.transpose(1, 2).reshape(f.shape[0], -1, n, n)  # (B, C, n, n)
-            f = F.interpolate(f, size=(grid, grid), mode="bilinear", align_corners=False) if n != grid else f
+            if n != grid:
+                f = F.interpolate(f, size=(grid, grid), mode="bilinear", align_corners=False)
         return f.flatten(2).transpose(1, 2)                  # (B, grid*grid, C)
 
     def forward(self, z, x):
         zp = F.normalize(self.proj(z.flatten(2).transpose(1, 2).float()), dim=-1)  # (B, N, C)
         f = F.normalize(self.target(x, z.shape[-1]), dim=-1)                        # (B, N, C)
         l_cos = F.relu(1.0 - self.m_cos - (zp * f).sum(-1)).mean()
-        l_dist = F.relu((zp @ zp.transpose(1, 2) - f @ f.transpose(1, 2)).abs() - self.m_dist).mean()
+        gap = (zp @ zp.transpose(1, 2) - f @ f.transpose(1, 2)).abs()            # (B, N, N)
+        l_dist = F.relu(gap - self.m_dist).mean()
         return l_cos + l_dist
 
 
@@ -568,14 +658,16 @@ class DINOv2Features(nn.Module):
         super().__init__()
         repo = repo or os.path.join(torch.hub.get_dir(), "facebookresearch_dinov2_main")
         if not os.path.isfile(weights or ""):
-            raise FileNotFoundError(f"VF loss: no DINOv2 weight file at {weights!r}; pass --vf_weights "
-                                    f"/path/to/dinov2_vitb14_pretrain.pth (and --vf_repo, a local DINOv2 checkout)")
+            raise FileNotFoundError(f"VF loss: no DINOv2 weight file at {weights!r}; pass "
+                                    f"--vf_weights /path/to/dinov2_vitb14_pretrain.pth (and "
+                                    f"--vf_repo, a local DINOv2 checkout)")
         if not os.path.isdir(repo):
-            raise FileNotFoundError(f"VF loss: no DINOv2 code at {repo}; pass --vf_repo /path/to/a/dinov2/checkout")
+            raise FileNotFoundError(f"VF loss: no DINOv2 code at {repo}; pass --vf_repo "
+                                    f"/path/to/a/dinov2/checkout")
         self.net = torch.hub.load(repo, "dinov2_vitb14", source="local", pretrained=False)
         self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        for name, v in (("mean", [0.485, 0.456, 0.406]), ("std", [0.229, 0.224, 0.225])):
+            self.register_buffer(name, torch.tensor(v).view(1, 3, 1, 1), persistent=False)
         self.dim = 768
 
     def forward(self, x):
@@ -584,7 +676,7 @@ class DINOv2Features(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. DiT (Peebles & Xie, 2023)
+# 9. DiT (Peebles & Xie, 2023)
 
 
 @dataclass
@@ -598,6 +690,16 @@ class DiTConfig:
     mlp_ratio: float = 4.0           # MLP hidden = mlp_ratio * width
     num_classes: int = IMAGENET_CLASSES  # class labels; index num_classes is the null class for CFG
     class_dropout: float = 0.1       # label dropout in training, for classifier-free guidance
+
+    def __post_init__(self):
+        if self.input_size % self.patch_size:
+            raise ValueError(f"DiT patch_size {self.patch_size} does not divide the latent grid "
+                             f"{self.input_size}")
+        if self.heads < 1 or self.dim % self.heads or self.dim % 4:
+            raise ValueError(f"DiT dim {self.dim} must be divisible by heads {self.heads} and by 4 "
+                             f"(sin-cos position table)")
+        if not 0 <= self.class_dropout < 1:
+            raise ValueError(f"class_dropout {self.class_dropout} must lie in [0, 1)")
 
 
 def modulate(x, shift, scale):
@@ -614,7 +716,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        k = torch.arange(half, device=t.device, dtype=torch.float32)
+        freqs = torch.exp(-math.log(10000) * k / half)
         args = 1000 * t.float()[:, None] * freqs[None]                    # (B, half)
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
@@ -629,7 +732,7 @@ class DiTBlock(nn.Module):
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):
-        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(c).chunk(6, dim=1)       # 6x (B, D), once per sample
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(c).chunk(6, dim=1)       # 6x (B, D)
         x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1))
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
@@ -647,7 +750,7 @@ class DiT(nn.Module):
         self.x_embed = nn.Conv2d(C, D, p, stride=p)
         self.t_embed = TimestepEmbedder(D)
         self.y_embed = nn.Embedding(cfg.num_classes + 1, D)               # last row: the null class
-        self.register_buffer("pos_embed", sincos_2d(D, self.grid)[None], persistent=False)  # (1, L, D)
+        self.register_buffer("pos_embed", sincos_2d(D, self.grid)[None], persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm_final = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
@@ -656,13 +759,17 @@ class DiT(nn.Module):
         self.register_buffer("latent_std", torch.ones(1, C, 1, 1))
         self.initialize()
 
+    def no_weight_decay(self):
+        """Parameters that AdamW must not decay besides 1-D ones: the label embedding table."""
+        return {"y_embed.weight"}
+
     def initialize(self):
         """All of DiT's initialisation in one place."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        w = self.x_embed.weight                                           # patch embed as a linear layer
+        w = self.x_embed.weight                                           # patch embed as a linear
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embed.bias)
         nn.init.normal_(self.y_embed.weight, std=0.02)
@@ -697,20 +804,24 @@ class DiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Flow matching: x_t = (1 - t) x0 + t eps, t = 0 data, t = 1 noise, target v = eps - x0
+# 10. Flow matching: x_t = (1 - t) x0 + t eps, t = 0 data, t = 1 noise, target v = eps - x0
 
 
 def flow_matching_loss(model, x0, y, t_dist="logit_normal"):
     """x0: normalised latents (B, C, H, W); y: labels (B,). Returns the mean squared velocity error.
     Labels are replaced by the null class with the config's class_dropout probability (for CFG)."""
     B = x0.shape[0]
-    t = torch.sigmoid(torch.randn(B, device=x0.device)) if t_dist == "logit_normal" else torch.rand(B, device=x0.device)
+    if t_dist == "logit_normal":
+        t = torch.sigmoid(torch.randn(B, device=x0.device))
+    else:
+        t = torch.rand(B, device=x0.device)
     eps = torch.randn_like(x0)
     tb = t.view(B, 1, 1, 1)
     xt = (1 - tb) * x0 + tb * eps
     cfg = unwrap(model).cfg
     if cfg.class_dropout > 0:
-        y = torch.where(torch.rand(B, device=y.device) < cfg.class_dropout, torch.full_like(y, cfg.num_classes), y)
+        drop = torch.rand(B, device=y.device) < cfg.class_dropout
+        y = torch.where(drop, torch.full_like(y, cfg.num_classes), y)
     return (model(xt, t, y).float() - (eps - x0).float()).square().mean()
 
 
@@ -749,7 +860,7 @@ def sample_latents(model, y, seeds, steps=50, method="heun", cfg_scale=1.0, inte
     for t, t_next in zip(ts[:-1], ts[1:]):
         v = guided_velocity(model, x, t, y, cfg_scale, interval)
         x_next = x + (t_next - t) * v
-        if method == "heun" and t_next > 0:                  # trapezoidal correction, except into t = 0
+        if method == "heun" and t_next > 0:                  # trapezoidal, except into t = 0
             v_next = guided_velocity(model, x_next, t_next, y, cfg_scale, interval)
             x_next = x + (t_next - t) * 0.5 * (v + v_next)
         x = x_next
@@ -757,7 +868,7 @@ def sample_latents(model, y, seeds, steps=50, method="heun", cfg_scale=1.0, inte
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. FLOPs (forward, per image; a training step is about 3x)
+# 11. FLOPs (forward, per image; a training step is about 3x)
 
 
 def vit_block_flops(L, D, mlp_ratio=4.0):
@@ -766,36 +877,76 @@ def vit_block_flops(L, D, mlp_ratio=4.0):
     return 2 * ((4 + 2 * mlp_ratio) * L * D * D + 2 * L * L * D)
 
 
-def tokenizer_flops(cfg):
-    S, p, d, De, Dd = cfg.grid, cfg.patch_size, cfg.latent_dim, cfg.enc_dim, cfg.dec_dim
-    L, N = cfg.num_tokens, S * S
-    f = 2 * N * 3 * p * p * De + cfg.enc_depth * vit_block_flops(N, De, cfg.mlp_ratio) + 2 * N * De * 2 * d
-    f += 2 * N * d * Dd                                                  # latent projection
+def encoder_flops(cfg):
+    """Patch embedding, the encoder's blocks and the moments projection, per image."""
+    N, p, De = cfg.grid ** 2, cfg.patch_size, cfg.enc_dim
+    return (2 * N * 3 * p * p * De + cfg.enc_depth * vit_block_flops(N, De, cfg.mlp_ratio)
+            + 2 * N * De * 2 * cfg.latent_dim)
+
+
+def decoder_flops(cfg, upto=None):
+    """Decoding z, per image: latent projection, the downsampler, the decoder's blocks and heads,
+    over the first `upto` scales (all by default), as HieraTok.decode(z, upto) runs them."""
+    S, p, Dd = cfg.grid, cfg.patch_size, cfg.dec_dim
+    scales = cfg.scales[:upto or len(cfg.scales)]
+    L = sum(s * s for s in scales)
+    f = 2 * S * S * cfg.latent_dim * Dd                                  # latent projection
     if cfg.downsampler == "conv":
-        for s in cfg.scales[:-1]:
-            k = S // s if S % s == 0 else S - s + 1
-            f += 2 * s * s * Dd * (k * k + Dd + 9 * Dd)                  # depthwise, 1x1, 3x3
+        for s in scales:
+            if s < S:
+                k = S // s if S % s == 0 else S - s + 1
+                f += 2 * s * s * Dd * (k * k + Dd + 9 * Dd)              # depthwise, 1x1, 3x3
     return f + cfg.dec_depth * vit_block_flops(L, Dd, cfg.mlp_ratio) + 2 * L * Dd * 3 * p * p
 
 
+def tokenizer_flops(cfg):
+    """A whole forward pass (encode + decode every scale), per image."""
+    return encoder_flops(cfg) + decoder_flops(cfg)
+
+
 def dit_flops(cfg):
-    """adaLN projections act on one conditioning vector per sample, so they count once, not per token."""
-    L, D, pc = (cfg.input_size // cfg.patch_size) ** 2, cfg.dim, cfg.patch_size ** 2 * cfg.in_channels
+    """Per image. adaLN projections act on one conditioning vector per sample: they count once."""
+    L, D = (cfg.input_size // cfg.patch_size) ** 2, cfg.dim
+    pc = cfg.patch_size ** 2 * cfg.in_channels                           # values per token
     per_sample = 2 * (256 * D + D * D) + cfg.depth * 2 * D * 6 * D + 2 * D * 2 * D
-    return 2 * L * pc * D + cfg.depth * vit_block_flops(L, D, cfg.mlp_ratio) + 2 * L * D * pc + per_sample
+    blocks = cfg.depth * vit_block_flops(L, D, cfg.mlp_ratio)
+    return 2 * L * pc * D + blocks + 2 * L * D * pc + per_sample
+
+
+def peak_flops(device):
+    """Dense bf16 peak FLOP/s of the GPU, for MFU; None where unknown (CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)):
+        if key in name:
+            return peak
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
-# 11. Presets and checkpoints
+# 12. Presets, optimizer groups and checkpoints
 
 TOKENIZER_PRESETS = {
-    "tiny": dict(image_size=32, patch_size=4, enc_depth=2, enc_dim=64, enc_heads=4, dec_depth=2, dec_dim=64,
-                 dec_heads=4, drop_path=0.0, latent_dim=4, scales=(1, 2, 4, 8), lpips_weight=0.0),
-    "paper-f16d16": dict(),                                    # the dataclass defaults are the paper's
+    "tiny": dict(image_size=32, patch_size=4, enc_depth=2, enc_dim=64, enc_heads=4, dec_depth=2,
+                 dec_dim=64, dec_heads=4, drop_path=0.0, latent_dim=4, scales=(1, 2, 4, 8),
+                 lpips_weight=0.0),
+    # quick experiments on real photos: a stage-1 ablation arm on 2 CPU cores in about 10 minutes
+    # (64 px, 8x8x16 latent, 85 decoder tokens), and the paper's token geometry (341 decoder
+    # tokens, scales 1..16) at 128 px and small widths for one GPU. The CPU preset has LPIPS off
+    # (its VGG weights may not be at hand); pass --lpips_weight 1 --lpips_weights FILE to add it.
+    "cpu-64": dict(image_size=64, patch_size=8, enc_depth=2, enc_dim=128, enc_heads=2,
+                   dec_depth=4, dec_dim=192, dec_heads=3, drop_path=0.0, latent_dim=16,
+                   scales=(1, 2, 4, 8), lpips_weight=0.0),
+    "gpu-128": dict(image_size=128, patch_size=8, enc_depth=6, enc_dim=384, enc_heads=6,
+                    dec_depth=12, dec_dim=512, dec_heads=8, drop_path=0.0, latent_dim=16),
+    "paper-f16d16": dict(),                                   # the dataclass defaults: the paper
     "paper-f16d32": dict(latent_dim=32),
-    "paper-f16d16-single": dict(scales=(16,)),
-    "paper-f16d32-single": dict(latent_dim=32, scales=(16,)),
 }
+TOKENIZER_PRESETS.update({                            # single-scale baselines: scales = (grid,)
+    f"{name}-single": {**TOKENIZER_PRESETS[name],
+                       "scales": (HieraTokConfig(**TOKENIZER_PRESETS[name]).grid,)}
+    for name in ("cpu-64", "gpu-128", "paper-f16d16", "paper-f16d32")})
 DIT_PRESETS = {
     "tiny": dict(depth=2, dim=64, heads=4),
     "S": dict(depth=12, dim=384, heads=6),
@@ -817,11 +968,33 @@ def tokenizer_config(name, **overrides):
 
 def dit_config(name, tok_cfg, **overrides):
     """A DiT preset sized for the latent of the tokenizer config `tok_cfg`."""
-    return DiTConfig(**preset(DIT_PRESETS, name, input_size=tok_cfg.grid, in_channels=tok_cfg.latent_dim, **overrides))
+    return DiTConfig(**preset(DIT_PRESETS, name, input_size=tok_cfg.grid,
+                              in_channels=tok_cfg.latent_dim, **overrides))
+
+
+def default_lr(preset_name):
+    """Peak learning rate when --lr is not given: 1e-3 for the CPU-sized presets (shallow, trained
+    for minutes), else 1e-4 (the paper's rates were lost in extraction; 1e-4 is the usual
+    tokenizer and DiT rate)."""
+    return 1e-3 if preset_name == "tiny" or preset_name.startswith("cpu-") else 1e-4
+
+
+def param_groups(modules, weight_decay):
+    """AdamW groups: weight decay on matrices, none on biases, norms (1-D) and the tables a model
+    lists in no_weight_decay() (position, scale and label embeddings: decaying them pulls every
+    position or class toward the same vector, not toward a simpler function)."""
+    decay, no_decay = [], []
+    for m in modules:
+        skip = m.no_weight_decay() if hasattr(m, "no_weight_decay") else set()
+        for name, q in m.named_parameters():
+            if q.requires_grad:
+                (no_decay if q.ndim < 2 or name in skip else decay).append(q)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
 
 
 def config_dict(cfg):
-    """A config as a plain dict (lists, not tuples) that torch.load(weights_only=True) reads back."""
+    """A config as a plain dict (lists, not tuples) that torch.load(weights_only=True) reads."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
 
 
@@ -849,34 +1022,47 @@ MODEL_CLASSES = {"tokenizer": HieraTok, "gan": HieraTok, "dit": DiT}
 def load_checkpoint(path, kinds=("tokenizer", "gan", "dit")):
     """Read a checkpoint on the CPU and check it is one of `kinds` (its 'job'). Returns the dict."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; train one with train.py or check the path")
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with train.py or check the "
+                                f"path")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"{path} is not a readable HieraTok checkpoint ({type(e).__name__}: {e})") from e
+        raise RuntimeError(f"{path} is not a readable HieraTok checkpoint "
+                           f"({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or "job" not in ckpt or "config" not in ckpt:
         raise RuntimeError(f"{path} is not a HieraTok checkpoint (no 'job'/'config' entries)")
     if ckpt["job"] not in kinds:
-        raise ValueError(f"{path} is a {ckpt['job']!r} checkpoint, but a {' or '.join(kinds)} checkpoint is needed here")
+        raise ValueError(f"{path} is a {ckpt['job']!r} checkpoint, but a {' or '.join(kinds)} "
+                         f"checkpoint is needed here")
     return ckpt
 
 
+def saved_config(ckpt, key="config"):
+    """The config a checkpoint stores, as its dataclass. Fields this version does not know (from an
+    older or forked version) are dropped with a warning; fields it lacks take their defaults."""
+    cls = CONFIG_CLASSES[ckpt["job"]] if key == "config" else HieraTokConfig
+    known = {f.name for f in fields(cls)}
+    extra = sorted(set(ckpt[key]) - known)
+    if extra:
+        warnings.warn(f"checkpoint config fields {extra} are unknown to this version; ignored")
+    return cls(**{k: v for k, v in ckpt[key].items() if k in known})
+
+
 def check_config(ckpt, cfg, path):
-    """Refuse a checkpoint whose model config differs from `cfg`, naming the differing fields.
-    attn_split is not compared: both attention paths compute the same function."""
-    saved, now = ckpt["config"], config_dict(cfg)
-    diff = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k] and k != "attn_split"}
+    """Refuse a checkpoint whose model config differs from `cfg`, naming the differing fields."""
+    saved, now = config_dict(saved_config(ckpt)), config_dict(cfg)
+    diff = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"{path} was trained with a different config ({lines}); use matching flags or a new --out directory")
+        raise ValueError(f"{path} was trained with a different config ({lines}); use matching "
+                         f"flags or a new --out directory")
 
 
 def model_from_checkpoint(path, kinds=("tokenizer", "gan", "dit"), ema=True):
     """Build the model a checkpoint holds, with its EMA weights when present and `ema`. Returns
     (model in eval mode, checkpoint dict). The one loading path shared by train.py and sample.py."""
     ckpt = load_checkpoint(path, kinds)
-    job = ckpt["job"]
-    model = MODEL_CLASSES[job](CONFIG_CLASSES[job](**ckpt["config"]))
+    model = MODEL_CLASSES[ckpt["job"]](saved_config(ckpt))
     state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
     model.load_state_dict(state)
     return model.eval(), ckpt
@@ -886,7 +1072,13 @@ def find_checkpoints(out_dir):
     """Checkpoint files of a run directory, oldest first (names sort by zero-padded step)."""
     if not os.path.isdir(out_dir):
         return []
-    return sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
+    return sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir)
+                  if f.startswith("ckpt_") and f.endswith(".pt"))
+
+
+def checkpoint_step(path):
+    """The step of a checkpoint file named ckpt_<step>.pt."""
+    return int(os.path.basename(path)[len("ckpt_"):-len(".pt")])
 
 
 def resolve_checkpoint(path):
@@ -894,24 +1086,14 @@ def resolve_checkpoint(path):
     if os.path.isdir(path):
         found = find_checkpoints(path)
         if not found:
-            raise FileNotFoundError(f"run directory {path} holds no checkpoint (ckpt_*.pt); train first or check the path")
+            raise FileNotFoundError(f"run directory {path} holds no checkpoint (ckpt_*.pt); train "
+                                    f"first or check the path")
         return found[-1]
     return path
 
 
-def peak_flops(device):
-    """Dense bf16 peak FLOP/s of the GPU, for MFU; None where unknown (CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)):
-        if key in name:
-            return peak
-    return None
-
-
 # ----------------------------------------------------------------------------------------------
-# 12. Data: ImageFolder with ADM center crop, and a built-in procedural dataset
+# 13. Data: ImageFolder with ADM center crop, and a built-in procedural dataset
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG")
@@ -919,7 +1101,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG")
 
 def center_crop_arr(img, size):
     """ADM's center crop: halve with a box filter while the image is at least twice the target,
-    resize the short side to `size` (bicubic), crop the center. PIL image -> uint8 (size, size, 3)."""
+    resize the short side to `size` (bicubic), crop the center. PIL image -> uint8 (size, size, 3).
+    """
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = size / min(img.size)
@@ -936,11 +1119,13 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root, size):
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"data directory {root} does not exist; pass --data with an ImageFolder "
-                                    f"layout (root/class/img.jpg), or leave --data out for the built-in data")
+            raise FileNotFoundError(f"data directory {root} does not exist; pass --data with an "
+                                    f"ImageFolder layout (root/class/img.jpg), or leave --data out "
+                                    f"for the built-in data")
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
         self.files = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
-                      for f in sorted(os.listdir(os.path.join(root, c))) if f.endswith(IMAGE_EXTENSIONS)]
+                      for f in sorted(os.listdir(os.path.join(root, c)))
+                      if f.endswith(IMAGE_EXTENSIONS)]
         if not self.files:
             raise FileNotFoundError(f"no images under {root}; expected root/class_name/image.jpg")
         self.size, self.bad = size, set()
@@ -955,7 +1140,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 with Image.open(path) as img:
                     arr = center_crop_arr(img.convert("RGB"), self.size)
                 return torch.from_numpy(arr.copy()).permute(2, 0, 1), label  # (3, size, size) uint8
-            except Exception as e:                                       # corrupt or unreadable file
+            except Exception as e:                                       # corrupt or unreadable
                 if path not in self.bad:
                     self.bad.add(path)
                     warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})")
@@ -963,8 +1148,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 class Shapes(torch.utils.data.Dataset):
-    """The built-in labelled dataset: procedural images of NUM_SHAPE_CLASSES classes (disc, square,
-    stripes, checkerboard, rings, gradient), random colours, positions, sizes and a noise texture.
+    """The built-in labelled dataset: procedural images of six classes (disc, square, stripes,
+    checkerboard, rings, gradient), random colours, positions, sizes and a noise texture.
     Image i is a pure function of i, so every run and every rank sees the same data."""
 
     classes = ["disc", "square", "stripes", "checker", "rings", "gradient"]
@@ -993,7 +1178,8 @@ class Shapes(torch.utils.data.Dataset):
         ][label].astype(np.float64)
         fg, bg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
         img = mask[..., None] * fg + (1 - mask[..., None]) * bg + rng.normal(0, 8, (n, n, 3))
-        return torch.from_numpy(img.clip(0, 255).astype(np.uint8)).permute(2, 0, 1), label  # (3, n, n)
+        img = torch.from_numpy(img.clip(0, 255).astype(np.uint8)).permute(2, 0, 1)  # (3, n, n)
+        return img, label
 
 
 def dataset(path, size):
