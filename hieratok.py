@@ -244,21 +244,22 @@ def field_comments(cls):
 
 def add_config_flags(parser, cls, defaults, prefix="", skip=(), aliases=None):
     """One flag per field of the config dataclass `cls`: --<prefix><field>, typed from the field's
-    default (a tuple takes several values, a bool is --x / --no-x), its help the field's comment
-    with the value in `defaults` (the resolved preset). A flag not given is absent from the parsed
-    namespace (argparse.SUPPRESS), so `config_overrides` returns only what was typed."""
+    annotation (a tuple takes several values of its default's element type, a bool is --x /
+    --no-x), its help the field's comment with the value in `defaults` (the resolved preset). A
+    flag not given is absent from the parsed namespace (argparse.SUPPRESS), so `config_overrides`
+    returns only what was typed."""
     group = parser.add_argument_group(f"{cls.__name__} (every field; defaults: the preset)")
     helps = field_comments(cls)
     for f in fields(cls):
         if f.name in skip:
             continue
         value = defaults.get(f.name, f.default)
-        if isinstance(value, bool):
+        if f.type is bool:
             kind = dict(action=argparse.BooleanOptionalAction)
-        elif isinstance(value, (tuple, list)):
-            kind = dict(type=type(value[0]), nargs="+")
+        elif f.type is tuple:
+            kind = dict(type=type(f.default[0]), nargs="+")
         else:
-            kind = dict(type=type(value))
+            kind = dict(type=f.type)
         names = [f"--{prefix}{f.name}"] + [f"--{a}" for a in (aliases or {}).get(f.name, ())]
         shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
         text = f"{helps.get(f.name, f.name)} (default: {shown})".replace("%", "%%")
