@@ -874,7 +874,7 @@ def sample_latents(model, y, seeds, steps=50, method="heun", cfg_scale=1.0, inte
 
 def vit_block_flops(L, D, mlp_ratio=4.0):
     """QKV + output projections (4 L D^2), MLP (2 r L D^2), scores and weighted sum (2 L^2 D), x2
-    for multiply-add. With r = 4 this is DESIGN.md's 2 (12 L D^2 + 2 L^2 D)."""
+    for multiply-add. With r = 4 this is 2 (12 L D^2 + 2 L^2 D)."""
     return 2 * ((4 + 2 * mlp_ratio) * L * D * D + 2 * L * L * D)
 
 

@@ -208,7 +208,7 @@ try:
         if args.tokenizer is None:
             fail("the DiT job needs a tokenizer: pass --tokenizer runs/<tokenizer run>")
         tok_path = os.path.abspath(H.resolve_checkpoint(args.tokenizer))
-        tok, tok_ckpt = H.model_from_checkpoint(tok_path, kinds=("tokenizer", "gan"))
+        tok, _ = H.model_from_checkpoint(tok_path, kinds=("tokenizer", "gan"))
         tok = tok.to(device).requires_grad_(False)
         preset_name = args.dit_preset
     data = H.dataset(args.data, tok.cfg.image_size if job == "dit" else cfg.image_size)
