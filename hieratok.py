@@ -203,7 +203,7 @@ class HieraTokConfig:
     mse_weight: float = 0.4          # per-pixel MSE
     lpips_weight: float = 1.0        # LPIPS, only on scales of at least LPIPS_MIN_SIZE px
     lpips_net: str = "vgg"           # LPIPS backbone: "vgg" (the paper's, LDM's) | "alex" (cheaper)
-    kl_weight: float = 1e-6          # KL weight in LDM's units (the KL per image / 3·H·W, see loss)
+    kl_weight: float = 1e-6          # KL weight in LDM's units (KL per image / 3·H·W, see loss)
     coarse_weight: float = 1.0       # each coarser scale's term, added to the full resolution's 1
 
     def __post_init__(self):

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import argparse
 import importlib.util
@@ -309,7 +310,7 @@ def test_lpips_imagenet_weights():
     vgg, alex = H.build_lpips("vgg"), H.build_lpips("alex")
     first = dict(vgg.net.slice1.named_children())["0"].weight[0, 0]
     published = torch.tensor([[-0.5537, 0.1427, 0.5290], [-0.5831, 0.3566, 0.7657],
-                              [-0.6902, -0.0480, 0.4841]])                  # features.0.weight[0, 0]
+                              [-0.6902, -0.0480, 0.4841]])         # features.0.weight[0, 0]
     torch.testing.assert_close(first, published, atol=1e-4, rtol=0)
     for lp in (vgg, alex):
         tree = H.read_numpy_pickle(lp.source)
@@ -1014,3 +1015,97 @@ def test_cuda_train_bf16_compile(job, tok_run, tmp_path):
     logs = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"loss"' in line]
     assert logs and all(math.isfinite(r["loss"]) for r in logs)
     assert final_state(tmp_path)["step"] == 4
+# ----------------------------------------------------------------------------------------------
+# golden runs: the three jobs' logged losses and final weights, recorded once; a rewrite that is
+# meant to change no number must reproduce them. After changing the objective (or anything that
+# moves a number) on purpose, regenerate with:  python test_hieratok.py golden  and paste the dict.
+
+LOGGED = ("loss", "kl", "d_loss", "vf_loss", "grad_norm")       # log.jsonl terms compared
+# recorded on commit 9375070 (torch 2.14.1, CPU)
+GOLDEN = {'tokenizer': {'steps': [2, 4, 6],
+               'losses': {'loss': [2.0763232111930847, 2.1587380170822144, 2.440382480621338],
+                          'kl': [12.247215509414673, 32.99442672729492, 50.68441963195801],
+                          'grad_norm': [1.8945441246032715, 2.2478612661361694, 2.204866409301758]},
+               'weights': {'model': [1405.7613025621908, 1548.4771987355462]}},
+ 'gan': {'steps': [2, 4, 6],
+         'losses': {'loss': [2.0401198863983154, 2.514299750328064, 2.613263726234436],
+                    'kl': [58.887495040893555, 60.01426124572754, 64.45405197143555],
+                    'd_loss': [0.9675214886665344, 0.36687566339969635, 0.21201981604099274],
+                    'vf_loss': [0.6298659443855286, 0.541589230298996, 0.5348288714885712],
+                    'grad_norm': [2.306544542312622, 4.006099462509155, 3.83569073677063]},
+         'weights': {'model': [1404.3043795465003, 1550.0348360724088],
+                     'disc': [919.9652655090564, 2002.9711646989135]}},
+ 'dit': {'steps': [2, 4, 6],
+         'losses': {'loss': [2.061086058616638, 2.05770206451416, 2.036591053009033],
+                    'grad_norm': [1.7529999315738678, 1.448678880929947, 1.0841565132141113]},
+         'weights': {'model': [9.749494722560986, 749.7923491913291],
+                     'ema': [9.796489613640492, 749.6765682825634]}}}
+
+
+
+def fake_dinov2(root):
+    """A local stand-in for a DINOv2 checkout and weight file (torch.hub's local source): a frozen
+    patch-14 convolution with DINOv2 ViT-B/14's output, (B, 256, 768) at 224 px."""
+    os.makedirs(root, exist_ok=True)
+    (root / "hubconf.py").write_text(
+        "import torch.nn as nn\n\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.embed = nn.Conv2d(3, 768, 14, stride=14)\n\n"
+        "    def forward_features(self, x):\n"
+        "        return {'x_norm_patchtokens': self.embed(x).flatten(2).transpose(1, 2)}\n\n\n"
+        "def dinov2_vitb14(pretrained=False):\n"
+        "    return Net()\n")
+    g = torch.Generator().manual_seed(0)
+    torch.save({"embed.weight": torch.randn(768, 3, 14, 14, generator=g) * 0.05,
+                "embed.bias": torch.zeros(768)}, root / "weights.pth")
+    return ["--vf_weights", root / "weights.pth", "--vf_repo", root]
+
+
+def golden_runs(tmp):
+    """Tokenizer (6 steps), GAN stage from it with LPIPS-Alex and the VF loss (6 steps, adversarial
+    term from step 3), DiT on it (6 steps, EMA): losses at every log line, weight checksums."""
+    tmp = Path(tmp)
+    base = ["--global_batch", 8, "--workers", 0, "--log_every", 2, "--deterministic", "--steps", 6]
+    jobs = {"tokenizer": [],
+            "gan": ["--job", "gan", "--init", tmp / "tokenizer", "--disc_start", 2, "--disc_ramp",
+                    2, "--lpips_weight", 1, "--lpips_net", "alex", "--vf_weight", 0.1,
+                    *fake_dinov2(tmp / "dinov2")],
+            "dit": ["--job", "dit", "--tokenizer", tmp / "tokenizer", "--stats_batches", 2]}
+    got = {}
+    for job, argv in jobs.items():
+        run("train.py", *argv, *base, "--out", tmp / job)
+        logs = [json.loads(line) for line in open(tmp / job / "log.jsonl")]
+        logs = [r for r in logs if "loss" in r]
+        ck = final_state(tmp / job)
+        sums = {k: [float(sum(t.double().sum() for t in ck[k].values() if t.is_floating_point())),
+                    float(sum(t.double().square().sum() for t in ck[k].values()
+                              if t.is_floating_point()))]
+                for k in ("model", "ema", "disc") if ck.get(k) is not None}
+        got[job] = {"steps": [r["step"] for r in logs],
+                    "losses": {k: [r[k] for r in logs] for k in LOGGED
+                               if all(k in r for r in logs)},
+                    "weights": sums}
+    return got
+
+
+@needs_lpips_weights
+def test_golden_runs(tmp_path):
+    got = golden_runs(tmp_path)
+    assert GOLDEN is not None, got
+    assert got.keys() == GOLDEN.keys()
+    for job, want in GOLDEN.items():
+        assert got[job]["steps"] == want["steps"]
+        assert got[job]["losses"].keys() == want["losses"].keys()
+        for k, v in want["losses"].items():      # bitwise equal where recorded; a tolerance for
+            assert got[job]["losses"][k] == pytest.approx(v, rel=1e-4), (job, k)   # other CPUs
+        for k, v in want["weights"].items():
+            assert got[job]["weights"][k] == pytest.approx(v, rel=1e-5), (job, k)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["golden"]:
+    import pprint
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        pprint.pprint(golden_runs(d), width=100, sort_dicts=False)
