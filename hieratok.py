@@ -10,7 +10,7 @@ Part one, the method
   4. Encoder .............. ViT: image -> posterior over the latent z (B, d, S, S)
   5. Downsampler .......... z -> decoder width -> token maps at every scale (conv | interp)
   6. Decoder .............. scale-masked ViT over the coarse-to-fine sequence, one head per scale
-  7. Tokenizer ............ HieraTok: encode / tokens / decode (progressive: upto=k) / loss
+  7. Tokenizer ............ HieraTok: encode / tokens / decode (progressive: upto=k)
   8. Losses ............... reconstruction + KL in LDM's units, LPIPS (offline ImageNet weights),
                             PatchGAN, adaptive weights, VF alignment (VA-VAE), generator_loss
   9. DiT .................. Peebles & Xie's adaLN-Zero transformer on z
@@ -267,15 +267,6 @@ class Encoder(nn.Module):
         return m.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)  # (B, 2d, S, S)
 
 
-def sample_posterior(moments, sample=True):
-    """Posterior moments (B, 2d, S, S) -> (mean, logvar, z), z = mean + std * N(0, I) when `sample`,
-    else the mean."""
-    mean, logvar = moments.chunk(2, dim=1)
-    logvar = logvar.clamp(-30.0, 20.0)                       # as in LDM: exp() stays finite
-    z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
-    return mean, logvar, z
-
-
 # ----------------------------------------------------------------------------------------------
 # 5. Downsampler
 
@@ -413,9 +404,12 @@ class HieraTok(nn.Module):
         return {"encoder.pos_embed", "pos_table", "scale_embed"}
 
     def encode(self, x, sample=True):
-        """x (B, 3, H, W) in [-1, 1] -> (mean, logvar, z), each (B, d, S, S). z is a posterior
-        sample when `sample`, else the mean."""
-        return sample_posterior(self.encoder(x), sample)
+        """x (B, 3, H, W) in [-1, 1] -> (mean, logvar, z), each (B, d, S, S); z = mean + std *
+        N(0, I) when `sample`, else the mean."""
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)                   # as in LDM: exp() stays finite
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+        return mean, logvar, z
 
     def tokens(self, z, upto=None):
         """z (B, d, S, S) -> coarse-to-fine decoder tokens (B, L, D), L = sum(s*s) over the first
@@ -439,12 +433,6 @@ class HieraTok(nn.Module):
         mean, logvar, z = self.encode(x, sample)
         recons, head_input = self.decoder(self.tokens(z))
         return Output(recons, mean, logvar, head_input)
-
-    def loss(self, x, lpips=None, sample=True):
-        """Stage-1 objective on a batch: (total, recons, terms); see `reconstruction_loss`."""
-        out = self(x, sample)
-        total, terms = reconstruction_loss(self.cfg, x, out.recons, out.mean, out.logvar, lpips)
-        return total, out.recons, terms
 
 
 # ----------------------------------------------------------------------------------------------

