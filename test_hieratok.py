@@ -1090,7 +1090,9 @@ def test_cuda_train_bf16_compile(job, tok_run, tmp_path):
 # moves a number) on purpose, regenerate with:  python test_hieratok.py golden  and paste the dict.
 
 LOGGED = ("loss", "kl", "d_loss", "vf_loss", "grad_norm")       # log.jsonl terms compared
-# recorded on commit 9375070 (torch 2.14.1, CPU)
+# recorded on commit 9375070 with torch 2.14.1 on a CPU: other torch releases initialise and compute
+# differently (torch 2.6 moves the losses by 1-3%), so there the test skips
+GOLDEN_TORCH = "2.14.1"
 GOLDEN = {'tokenizer': {'steps': [2, 4, 6],
                'losses': {'loss': [2.0763232111930847, 2.1587380170822144, 2.440382480621338],
                           'kl': [12.247215509414673, 32.99442672729492, 50.68441963195801],
@@ -1139,6 +1141,8 @@ def golden_runs(tmp):
 
 
 @needs_lpips_weights
+@pytest.mark.skipif(torch.__version__.split("+")[0] != GOLDEN_TORCH,
+                    reason=f"golden values are torch {GOLDEN_TORCH}'s; regenerate them for another")
 def test_golden_runs(tmp_path):
     got = golden_runs(tmp_path)
     assert GOLDEN is not None, got
