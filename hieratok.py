@@ -1294,10 +1294,14 @@ def to_float(x):
     return x.float() / 127.5 - 1.0
 
 
+def to_8bit(x):
+    """[-1, 1] float -> the 8-bit values (0..255) the image is saved as, still a float tensor."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round()
+
+
 def to_uint8(x):
     """[-1, 1] float (B, 3, H, W) -> uint8 (B, H, W, 3) numpy: the 8-bit image it is saved as."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)\
-        .cpu().numpy()
+    return to_8bit(x).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_grid(rows, path):

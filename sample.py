@@ -178,11 +178,6 @@ def density_png(points, density, path, size=512):
 # models and inputs
 
 
-def quantize(x):
-    """[-1, 1] float -> [0, 1] float at the 8-bit values it would be saved as."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 255
-
-
 def load(path, kinds):
     """The model of a checkpoint (file or run directory; EMA weights when there) and the protocol
     entries that say which one it is."""
@@ -262,7 +257,7 @@ def reconstruct(args, device, amp):
             outs = tok.decode(z, upto=k)
             seconds += time.perf_counter() - t
         for s, r in zip(scales, outs):    # metrics on the 8-bit images, in [0, 1], on the device
-            rq, tq = quantize(r), quantize(H.area_pool(x, r.shape[-1]))
+            rq, tq = H.to_8bit(r) / 255, H.to_8bit(H.area_pool(x, r.shape[-1])) / 255
             sums[s]["psnr"] += psnr(rq, tq).sum().item()
             sums[s]["ssim"] += ssim(rq, tq).sum().item()
             if lp is not None and r.shape[-1] >= H.LPIPS_MIN_SIZE:
