@@ -54,7 +54,9 @@ from PIL import Image
 from torchvision.ops import StochasticDepth
 
 IMAGENET_CLASSES = 1000
-LPIPS_MIN_SIZE = 32            # LPIPS only on scales whose image is at least this many px
+# LPIPS runs on the scales whose image its network can take: VGG's four 2x2 max-pools need 16 px,
+# AlexNet's stride-4 11x11 conv and two 3x3 / 2 max-pools need 31 (so 32 at our sizes)
+LPIPS_MIN_SIZE = {"vgg": 16, "alex": 32}
 # The tokenizer objective's convention, recorded in every tokenizer checkpoint: per-pixel means and
 # the KL divided by the full image's 3·H·W values (LDM's units, see reconstruction_loss); the full
 # resolution at weight 1, each coarser scale added. Checkpoints without it had a KL 3·H·W times
@@ -196,10 +198,11 @@ class HieraTokConfig:
     attention: str = "causal"        # "causal" | "independent" | "full"
     l1_weight: float = 1.0           # per-pixel L1
     mse_weight: float = 0.4          # per-pixel MSE
-    lpips_weight: float = 1.0        # LPIPS, only on scales of at least LPIPS_MIN_SIZE px
+    lpips_weight: float = 1.0        # LPIPS, on scales of at least LPIPS_MIN_SIZE[lpips_net] px
     lpips_net: str = "vgg"           # LPIPS backbone: "vgg" (the paper's, LDM's) | "alex" (cheaper)
     kl_weight: float = 1e-6          # KL weight in LDM's units (KL per image / 3·H·W, see loss)
-    coarse_weight: float = 1.0       # each coarser scale's term, added to the full resolution's 1
+    coarse_weight: float = 1.0       # multiplies every coarser scale's weight (see scale_weights)
+    scale_weighting: str = "equal"   # a coarse scale's weight: "pixels" (s/S)^2 | "equal" 1
 
     def __post_init__(self):
         self.scales = tuple(int(s) for s in self.scales)
@@ -217,7 +220,8 @@ class HieraTokConfig:
             raise ValueError(f"scales {list(self.scales)} must end with the full latent grid "
                              f"{self.grid} (image_size / patch_size)")
         for name, allowed in (("downsampler", ("conv", "interp")), ("lpips_net", tuple(LPIPS_NETS)),
-                              ("attention", ("causal", "independent", "full"))):
+                              ("attention", ("causal", "independent", "full")),
+                              ("scale_weighting", ("pixels", "equal"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; use one of "
                                  f"{', '.join(allowed)}")
@@ -234,12 +238,18 @@ class HieraTokConfig:
 
     @property
     def scale_weights(self):
-        """Each scale's reconstruction-loss weight, coarse to fine: the full resolution is the
-        primary objective at weight 1 in every arm, and each coarser scale adds its own term at
-        coarse_weight (the paper's Appendix B: "the primary reconstruction objective" plus "the
-        multi-scale supervision loss"). Single- and multi-scale arms then differ only by the
-        coarse terms, never by the strength of the full resolution or of the KL."""
-        return (float(self.coarse_weight),) * (len(self.scales) - 1) + (1.0,)
+        """Each scale's reconstruction-loss weight, coarse to fine. The full resolution is the
+        primary objective at weight 1 in every arm; each coarser scale s of S adds its own term
+        (the paper's Appendix B: "the primary reconstruction objective" plus "the multi-scale
+        supervision loss"), at coarse_weight times
+          pixels: (s/S)^2, its share of the full resolution's values: LDM's loss, which sums over
+                  an image's values, called once per scale (1/256 ... 1/4 at scales 1 ... 8 of 16)
+          equal:  1, each scale's per-pixel mean as strong as the full resolution's.
+        Single- and multi-scale arms then differ only by the coarse terms, never by the strength of
+        the full resolution or of the KL."""
+        S = self.grid
+        share = lambda s: (s / S) ** 2 if self.scale_weighting == "pixels" else 1.0
+        return tuple(self.coarse_weight * share(s) for s in self.scales[:-1]) + (1.0,)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +451,7 @@ class HieraTok(nn.Module):
 
 def reconstruction_loss(cfg, x, recons, mean, logvar, lpips=None):
     """L1 + 0.4 MSE + LPIPS per scale against the input area-downsampled to that scale, weighted
-    by cfg.scale_weights (full resolution 1, each coarser scale coarse_weight), plus the KL term.
+    by cfg.scale_weights (full resolution 1, the coarser scales by their weighting), plus the KL.
     Returns (total, terms) where terms holds every term per scale, detached, for logging. Takes the
     model's outputs rather than the model, so train.py can call the model through DDP /
     torch.compile and still share this one loss.
@@ -450,14 +460,14 @@ def reconstruction_loss(cfg, x, recons, mean, logvar, lpips=None):
     image's 3·H·W values and the KL over its latent elements. Here every reconstruction term is a
     per-pixel mean, so the per-image KL is divided by the full image's 3·H·W: for one scale the
     total is LDM's objective divided by 3·H·W, a loss scale that suits Adam and clipping."""
-    terms, rec_total = {}, 0.0
+    terms, rec_total, min_size = {}, 0.0, LPIPS_MIN_SIZE[cfg.lpips_net]
     for s, r, w in zip(cfg.scales, recons, cfg.scale_weights):
         t = area_pool(x, r.shape[-1])
         r = r.float()
         l1, mse = (r - t).abs().mean(), (r - t).square().mean()
         rec = cfg.l1_weight * l1 + cfg.mse_weight * mse
         terms[f"l1_s{s}"], terms[f"mse_s{s}"] = l1.detach(), mse.detach()
-        if lpips is not None and cfg.lpips_weight > 0 and r.shape[-1] >= LPIPS_MIN_SIZE:
+        if lpips is not None and cfg.lpips_weight > 0 and r.shape[-1] >= min_size:
             lp = lpips(r, t).mean()
             rec = rec + cfg.lpips_weight * lp
             terms[f"lpips_s{s}"] = lp.detach()

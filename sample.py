@@ -246,6 +246,7 @@ def reconstruct(args, device, amp):
     scales, full = cfg.scales[:k], k == len(cfg.scales)
     lp, fid = lpips_model(args, device), fid_model(args, device) if full else None
     sums = {s: {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0} for s in scales}
+    lp_min = H.LPIPS_MIN_SIZE[lp.backbone] if lp is not None else math.inf
     size = cfg.image_size                             # filled in place (50k images: 9.8 GB each)
     refs, recs = np.empty((n, size, size, 3), np.uint8), np.empty((n, size, size, 3), np.uint8)
     grid, i0, seconds = [], 0, 0.0
@@ -260,13 +261,13 @@ def reconstruct(args, device, amp):
             rq, tq = H.to_8bit(r) / 255, H.to_8bit(H.area_pool(x, r.shape[-1])) / 255
             sums[s]["psnr"] += psnr(rq, tq).sum().item()
             sums[s]["ssim"] += ssim(rq, tq).sum().item()
-            if lp is not None and r.shape[-1] >= H.LPIPS_MIN_SIZE:
+            if r.shape[-1] >= lp_min:
                 sums[s]["lpips"] += lp(rq * 2 - 1, tq * 2 - 1).sum().item()
         if full:
             refs[i0:i0 + len(x)], recs[i0:i0 + len(x)] = H.to_uint8(x), H.to_uint8(outs[-1])
         i0 += len(x)
         grid += [list(row) for row in zip(*[H.to_uint8(o[:8 - len(grid)]) for o in [x] + outs])]
-    has_lpips = lambda s: lp is not None and s * cfg.patch_size >= H.LPIPS_MIN_SIZE
+    has_lpips = lambda s: s * cfg.patch_size >= lp_min
     metrics = {f"scale_{s}": {"size_px": s * cfg.patch_size, "psnr": v["psnr"] / n,
                               "ssim": v["ssim"] / n, "lpips": v["lpips"] / n if has_lpips(s)
                               else None} for s, v in sums.items()}
@@ -275,7 +276,7 @@ def reconstruct(args, device, amp):
     metrics["protocol"] = {**proto, "metrics_on": "8-bit images; each scale against the input "
                            "area-downsampled to its size", "psnr_cap_db": PSNR_CAP,
                            "lpips": f"{lp.backbone} ({lp.source}), scales of at least "
-                           f"{H.LPIPS_MIN_SIZE} px" if lp is not None else None,
+                           f"{lp_min} px" if lp is not None else None,
                            "rfid": f"{n} reconstructions vs their inputs; {FID_NET}"
                            if metrics["rfid"] is not None else None}
     written = ["recon.png", "recon_metrics.json"]

@@ -190,13 +190,24 @@ def test_config_flags():
 
 
 def test_scale_weights():
-    """The full resolution has weight 1 in every arm; each coarser scale adds coarse_weight."""
-    five = dict(scales=(1, 2, 4, 8, 16))
-    assert small_cfg(**five).scale_weights == (1.0,) * 5
-    assert small_cfg(**five, coarse_weight=0.25).scale_weights == (0.25,) * 4 + (1.0,)
-    assert small_cfg(scales=(16,), coarse_weight=0.25).scale_weights == (1.0,)
+    """The full resolution has weight 1 in every arm; a coarser scale s of S adds coarse_weight x
+    (s/S)^2 (pixels: its share of the image's values) or coarse_weight x 1 (equal)."""
+    pixels = H.tokenizer_config("paper-f16d16", scale_weighting="pixels")
+    assert pixels.scale_weights == (1 / 256, 1 / 64, 1 / 16, 1 / 4, 1.0)
+    assert H.tokenizer_config("paper-f16d16", scale_weighting="pixels", coarse_weight=2,
+                              scales=(1, 2, 4, 8, 12, 16)).scale_weights == (
+        2 / 256, 2 / 64, 2 / 16, 2 / 4, 2 * 9 / 16, 1.0)
+    equal = H.tokenizer_config("paper-f16d16", scale_weighting="equal")
+    assert equal.scale_weights == (1.0,) * 5
+    assert small_cfg(coarse_weight=0.25, scale_weighting="equal").scale_weights == (0.25,) * 4 + (
+        1.0,)
+    for weighting in ("pixels", "equal"):
+        assert H.tokenizer_config("paper-f16d16-single", scale_weighting=weighting).scale_weights \
+            == (1.0,)
     with pytest.raises(ValueError, match="coarse_weight"):
         small_cfg(coarse_weight=-1)
+    with pytest.raises(ValueError, match="scale_weighting"):
+        small_cfg(scale_weighting="area")
 
 
 def large_kl_outputs(scales, seed=0):
@@ -226,7 +237,7 @@ def test_kl_in_ldm_units(scales):
     per_pixel = [(r - H.area_pool(x, r.shape[-1])).abs() + 0.4 * (r - H.area_pool(x, r.shape[-1]))
                  .square() for r in out.recons]                               # (B, 3, h, w) each
     full = per_pixel[-1].mean()
-    coarse = sum(e.mean() for e in per_pixel[:-1]) if len(scales) > 1 else 0.0
+    coarse = sum(w * e.mean() for w, e in zip(cfg.scale_weights, per_pixel[:-1]))
     kl_term = total - full - coarse                                           # what is left
     share = (kl_term / full).item()
     expect = (cfg.kl_weight * kl / (3 * 64 * 64 * full)).item()
@@ -385,7 +396,7 @@ def test_numpy_pickle_refuses_other_objects(tmp_path):
 
 def test_loss_terms_and_lpips_rule():
     import lpips
-    cfg = small_cfg(lpips_weight=1.0)
+    cfg = small_cfg(lpips_weight=1.0, lpips_net="alex")
     model = H.HieraTok(cfg)
     lp = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)       # random backbone: no weights
     x = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -393,7 +404,7 @@ def test_loss_terms_and_lpips_rule():
     assert torch.isfinite(total)
     for s in cfg.scales:
         assert {f"l1_s{s}", f"mse_s{s}", f"rec_s{s}"} <= set(terms)
-        assert (f"lpips_s{s}" in terms) == (s * cfg.patch_size >= H.LPIPS_MIN_SIZE)
+        assert (f"lpips_s{s}" in terms) == (s * cfg.patch_size >= 32)   # AlexNet's floor
 
 
 def test_tiny_overfits_one_batch():
