@@ -35,6 +35,7 @@ Notable choices (the README's design notes give the reasoning):
 """
 
 import argparse
+import datetime
 import importlib.util
 import inspect
 import math
@@ -51,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+import torchvision
 from torchvision.ops import StochasticDepth
 
 IMAGENET_CLASSES = 1000
@@ -180,6 +182,27 @@ def init_vit(module):
 #    dicts of overrides; every field is also a train.py flag (section 11).
 
 
+def check_ranges(cfg, prefix=""):
+    """Refuse a config field outside its range, naming its flag (--<prefix><field>): integers are
+    at least 1, drop_path and class_dropout lie in [0, 1), mlp_ratio is > 0, every other number
+    (the loss weights) is finite and >= 0."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.type is int:
+            ok, allowed = v >= 1, "an integer >= 1"
+        elif f.type is not float:
+            continue
+        elif f.name in ("drop_path", "class_dropout"):
+            ok, allowed = 0 <= v < 1, "in [0, 1)"
+        elif f.name == "mlp_ratio":
+            ok, allowed = 0 < v < math.inf, "a finite number > 0"
+        else:
+            ok, allowed = 0 <= v < math.inf, "a finite number >= 0"
+        if not ok:
+            raise ValueError(f"{f.name} {v!r} (--{prefix}{f.name}) is out of range: it must be "
+                             f"{allowed}")
+
+
 @dataclass
 class HieraTokConfig:
     image_size: int = 256            # input resolution (square)
@@ -205,13 +228,14 @@ class HieraTokConfig:
     scale_weighting: str = "equal"   # a coarse scale's weight: "pixels" (s/S)^2 | "equal" 1
 
     def __post_init__(self):
+        check_ranges(self)
         self.scales = tuple(int(s) for s in self.scales)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size "
                              f"{self.patch_size}; pick sizes with image_size = k * patch_size")
         for name in ("enc", "dec"):
             dim, heads = getattr(self, f"{name}_dim"), getattr(self, f"{name}_heads")
-            if heads < 1 or dim % heads:
+            if dim % heads:
                 raise ValueError(f"{name}_dim {dim} is not divisible by {name}_heads {heads}")
         if any(b <= a for a, b in zip(self.scales, self.scales[1:])) or self.scales[0] < 1:
             raise ValueError(f"scales {list(self.scales)} must be positive and strictly increasing "
@@ -225,8 +249,6 @@ class HieraTokConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; use one of "
                                  f"{', '.join(allowed)}")
-        if self.coarse_weight < 0:
-            raise ValueError(f"coarse_weight {self.coarse_weight} must be >= 0")
 
     @property
     def grid(self):
@@ -665,14 +687,13 @@ class DiTConfig:
     class_dropout: float = 0.1       # label dropout in training, for classifier-free guidance
 
     def __post_init__(self):
+        check_ranges(self, "dit_")
         if self.input_size % self.patch_size:
             raise ValueError(f"DiT patch_size {self.patch_size} does not divide the latent grid "
                              f"{self.input_size}")
-        if self.heads < 1 or self.dim % self.heads or self.dim % 4:
+        if self.dim % self.heads or self.dim % 4:
             raise ValueError(f"DiT dim {self.dim} must be divisible by heads {self.heads} and by 4 "
                              f"(sin-cos position table)")
-        if not 0 <= self.class_dropout < 1:
-            raise ValueError(f"class_dropout {self.class_dropout} must lie in [0, 1)")
 
 
 def modulate(x, shift, scale):
@@ -1018,13 +1039,15 @@ def peak_flops(device):
 #     the LPIPS backbone's weight files
 
 
-def setup(device=None, precision="bf16"):
+def setup(device=None, precision="bf16", timeout=10.0):
     """One process, or DDP from torchrun's environment: -> (ddp, rank, world, device, autocast).
-    CUDA when there (or as `device` says) with TF32 matmuls; bf16 autocast on CUDA unless fp32."""
+    CUDA when there (or as `device` says) with TF32 matmuls; bf16 autocast on CUDA unless fp32.
+    A collective that waits more than `timeout` minutes for a rank (stopped, hung, dead) fails."""
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     ddp = "RANK" in os.environ
     if ddp:
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo",
+                                             timeout=datetime.timedelta(minutes=timeout))
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp \
         else (0, 1)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
@@ -1046,18 +1069,25 @@ def config_dict(cfg):
 
 def save_checkpoint(obj, path):
     """Atomic write: a temporary file in the same directory, then a rename. A run killed mid-write
-    leaves the previous checkpoint intact and never a half-written file under the real name."""
+    leaves the previous checkpoint intact and never a half-written file under the real name; a
+    failed write (a full disk) raises OSError and leaves no temporary file. The file gets the mode
+    of any other new file (0644 under the usual umask), so a team can share a run directory."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")          # created 0600
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, RuntimeError):      # how torch's writer reports a full disk, among others
+            raise OSError(f"{path}: {e}") from e
         raise
 
 
@@ -1068,29 +1098,50 @@ def checkpoints(run_dir):
             if re.fullmatch(r"ckpt_\d+\.pt", f)}
 
 
+def read_checkpoint(path):
+    """One checkpoint file, read on the CPU; ValueError naming the file when it is unreadable."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = str(e).split(". ")[0][:200]                     # torch's first sentence
+        raise ValueError(f"{path} is unreadable: truncated, or not a checkpoint "
+                         f"({type(e).__name__}: {why})") from e
+    if not isinstance(ckpt, dict) or "job" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a HieraTok checkpoint (no 'job'/'config' entries)")
+    return ckpt
+
+
 def load_checkpoint(path, kinds=tuple(JOBS)):
-    """A checkpoint file, or a run directory's newest, read on the CPU and checked to be one of
-    `kinds` (its 'job'). Returns (checkpoint dict, file)."""
+    """A checkpoint file, or a run directory's newest readable one (a newer unreadable file, cut
+    short by a kill or a stray one named like a checkpoint, is skipped with a warning naming it),
+    checked to be one of `kinds` (its 'job'). Returns (checkpoint dict, file)."""
     if os.path.isdir(path):
         found = checkpoints(path)
         if not found:
             raise FileNotFoundError(f"run directory {path} holds no checkpoint (ckpt_*.pt); train "
                                     f"first or check the path")
-        path = found[max(found)]
-    if not os.path.isfile(path):
+        for step in sorted(found, reverse=True):
+            try:
+                ckpt, file = read_checkpoint(found[step]), found[step]
+                break
+            except ValueError as e:
+                warnings.warn(f"skipping {e}; trying an older checkpoint")
+        else:
+            raise ValueError(f"no checkpoint in {path} is readable; remove them or use another "
+                             f"directory")
+    elif os.path.isfile(path):
+        try:
+            ckpt, file = read_checkpoint(path), path
+        except ValueError as e:
+            raise ValueError(f"{e}; pass another checkpoint file, or its run directory (whose "
+                             f"newest readable checkpoint is taken)") from e
+    else:
         raise FileNotFoundError(f"no checkpoint at {path}; train one with train.py or check the "
                                 f"path")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"{path} is not a readable HieraTok checkpoint "
-                           f"({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or "job" not in ckpt or "config" not in ckpt:
-        raise RuntimeError(f"{path} is not a HieraTok checkpoint (no 'job'/'config' entries)")
     if ckpt["job"] not in kinds:
-        raise ValueError(f"{path} is a {ckpt['job']!r} checkpoint, but a {' or '.join(kinds)} "
+        raise ValueError(f"{file} is a {ckpt['job']!r} checkpoint, but a {' or '.join(kinds)} "
                          f"checkpoint is needed here")
-    return ckpt, path
+    return ckpt, file
 
 
 def checkpoint_config(ckpt, key="config"):
@@ -1208,9 +1259,6 @@ def lpips_backbone(path, net="vgg"):
 # 15. Data (ImageFolder with ADM center crop, the built-in Shapes data set) and picture grids
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG")
-
-
 def center_crop_arr(img, size):
     """ADM's center crop: halve with a box filter while the image is at least twice the target,
     resize the short side to `size` (bicubic), crop the center. PIL image -> uint8 (size, size, 3).
@@ -1224,39 +1272,70 @@ def center_crop_arr(img, size):
     return arr[top:top + size, left:left + size]
 
 
-class ImageFolder(torch.utils.data.Dataset):
-    """root/class_name/image.ext -> (uint8 (3, size, size), label). Flips happen on the device in
+def to_rgb(img):
+    """A PIL image of any mode -> 8-bit RGB by its value range: integer images of more than 8 bits
+    (modes I;16*, I: 16-bit PNGs) from 0..65535 and float ones (F) from 0..1, where PIL's own
+    conversion would clip them at 255 (a mid-grey 32768 becomes white); the rest (palette, grey,
+    alpha, CMYK) by PIL's conversion."""
+    if img.mode.startswith("I") or img.mode == "F":
+        full = 1.0 if img.mode == "F" else 65535.0
+        img = Image.fromarray((np.asarray(img, np.float64) * (255 / full)).clip(0, 255).round()
+                              .astype(np.uint8))
+    return img.convert("RGB")
+
+
+class ImageFolder(torchvision.datasets.ImageFolder):
+    """torchvision's ImageFolder (root/class_name/image.ext, extensions in any case: cameras write
+    .JPG) -> (uint8 (3, size, size), label), ADM center crop. Flips happen on the device in
     train.py, from the checkpointed RNG, so that resume is exact. A file that cannot be decoded is
-    replaced by the next one and reported once (per loader process) with its path."""
+    replaced by the next one and reported once (per loader process) with its path; class folders
+    without images are reported and keep their labels."""
 
     def __init__(self, root, size):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data directory {root} does not exist; pass --data with an "
                                     f"ImageFolder layout (root/class/img.jpg), or leave --data out "
                                     f"for the built-in data")
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        self.files = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
-                      for f in sorted(os.listdir(os.path.join(root, c)))
-                      if f.endswith(IMAGE_EXTENSIONS)]
-        if not self.files:
-            raise FileNotFoundError(f"no images under {root}; expected root/class_name/image.jpg")
+        try:
+            super().__init__(root, allow_empty=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no class folders under {root}; expected "
+                                    f"root/class_name/image.jpg") from None
+        if not self.samples:
+            raise FileNotFoundError(f"no images under {root} (extensions "
+                                    f"{' '.join(self.extensions)}, any case); expected "
+                                    f"root/class_name/image.jpg")
         self.size, self.bad = size, set()
+        empty = sorted(set(self.classes) - {self.classes[t] for t in self.targets})
+        if empty:
+            warnings.warn(f"{len(empty)} class folder(s) under {root} hold no image: "
+                          f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''} (their "
+                          f"labels stay, so labels keep following the sorted folder names)")
+        for path, _ in self.samples:                      # fail now if no file decodes at all
+            try:
+                self.load(path)
+                break
+            except Exception as e:
+                last = f"{path}: {type(e).__name__}: {e}"
+        else:
+            raise ValueError(f"none of the {len(self.samples)} images under {root} can be read "
+                             f"(the last: {last})")
 
-    def __len__(self):
-        return len(self.files)
+    def load(self, path):
+        with Image.open(path) as img:
+            arr = center_crop_arr(to_rgb(img), self.size)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)         # (3, size, size) uint8
 
     def __getitem__(self, i):
-        for j in range(len(self.files)):
-            path, label = self.files[(i + j) % len(self.files)]
+        for j in range(len(self.samples)):
+            path, label = self.samples[(i + j) % len(self.samples)]
             try:
-                with Image.open(path) as img:
-                    arr = center_crop_arr(img.convert("RGB"), self.size)
-                return torch.from_numpy(arr.copy()).permute(2, 0, 1), label  # (3, size, size) uint8
+                return self.load(path), label
             except Exception as e:                                       # corrupt or unreadable
                 if path not in self.bad:
                     self.bad.add(path)
                     warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})")
-        raise RuntimeError("no readable image in the dataset")
+        raise ValueError(f"no readable image under {self.root}")
 
 
 class Shapes(torch.utils.data.Dataset):

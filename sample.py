@@ -469,6 +469,7 @@ def main(argv=None):
         raise SystemExit("error: only --mode generate runs under torchrun; run recon and latent "
                          "as one process")
     ddp, rank, world, device, amp = H.setup(args.device, args.precision)
+    warnings.formatwarning = lambda message, *_: f"warning: {message}\n"      # one line each
     try:
         os.makedirs(args.out, exist_ok=True)
         tempfile.TemporaryFile(dir=args.out).close()      # writable? (unique per rank)

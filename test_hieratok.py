@@ -598,38 +598,52 @@ def final_state(out_dir):
 
 
 PATCHED = """
-import json, os, runpy, sys
+import errno, json, os, runpy, sys, time
 sys.path.insert(0, os.path.dirname({train!r}))
 import hieratok as H
 bad, calls, original = {nan}, [0], H.generator_loss
+full, saves, save = {full}, [0], H.torch.save
+stall = {stall}
 
 
 def generator_loss(*args, **kwargs):            # a NaN loss at the chosen (1-based) calls
     calls[0] += 1
+    if stall and calls[0] == stall[1] and int(os.environ.get("RANK", 0)) == stall[0]:
+        time.sleep(120)                         # this rank stops answering
     loss, terms = original(*args, **kwargs)
     return (loss * float("nan") if calls[0] in bad else loss), terms
 
 
-H.generator_loss = generator_loss
+def torch_save(*args, **kwargs):                # the disk is full at the chosen save
+    saves[0] += 1
+    if saves[0] == full:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return save(*args, **kwargs)
+
+
+H.generator_loss, H.torch.save = generator_loss, torch_save
 sys.argv = [{train!r}] + sys.argv[1:]
 try:
     g = runpy.run_path(sys.argv[0], run_name="__main__")
-finally:                                          # each rank's weights, as the run left them
+finally:                                          # each rank's state, as the run left it
     g = locals().get("g") or {{}}
-    if {sums!r} and "raw" in g:
-        nets = [g["raw"]] + [m for m in (g["disc"], g["vf"] and g["vf"].proj) if m is not None]
-        total = sum(float(q.double().sum()) for m in nets for q in m.parameters())
-        with open(os.path.join({sums!r}, "rank%s.json" % os.environ.get("RANK", 0)), "w") as f:
-            json.dump(total, f)
+    if {dump!r} and "raw" in g:
+        parts = dict(model=g["raw"], ema=g["ema"], disc=g["disc"], vf_proj=g["vf"] and g["vf"].proj,
+                     opt=g["opt"], opt_d=g.get("opt_d"))
+        H.torch.save({{k: m.state_dict() for k, m in parts.items() if m is not None}},
+                     os.path.join({dump!r}, "rank%s.pt" % os.environ.get("RANK", 0)))
 """
 
 
-def run_patched(tmp_path, *argv, nan=(), sums=None, **kw):
+def run_patched(tmp_path, *argv, nan=(), dump=None, full=0, stall=(), **kw):
     """train.py under a test-only monkeypatch: NaN losses at the given generator-loss calls (one
-    per step with one micro-batch), and each rank's final weight sum written to `sums`."""
+    per step with one micro-batch), a full disk at the `full`-th torch.save, rank `stall[0]`
+    stopping at loss call `stall[1]`; each rank's final state (model, EMA, discriminator, VF
+    projection, optimizers) saved to `dump`/rank<r>.pt."""
     script = tmp_path / "patched_train.py"
     script.write_text(PATCHED.format(nan=set(nan), train=os.path.join(HERE, "train.py"),
-                                     sums=str(sums) if sums else ""))
+                                     dump=str(dump) if dump else "", full=full,
+                                     stall=tuple(stall)))
     return run(str(script), *argv, **kw)
 
 
@@ -686,44 +700,51 @@ def test_train_jobs_end_to_end(tok_run, tmp_path):
         assert img.shape == (8 * 32, cols * 32, 3), (name, img.shape)
 
 
-def same_weights(a, b):
-    sa, sb = final_state(a), final_state(b)
-    assert sa["step"] == sb["step"]
-    for k in sa["model"]:
-        assert torch.equal(sa["model"][k], sb["model"][k]), k
-    for k in ("ema",):
-        if sa[k] is not None:
-            for n in sa[k]:
-                assert torch.equal(sa[k][n], sb[k][n]), n
-
-
-@pytest.mark.parametrize("job", ["tokenizer", "dit", "vf"])
+@pytest.mark.parametrize("job", ["tokenizer", "gan", "dit", "vf", "ddp", "epochs"])
 def test_resume_is_exact(job, tok_run, tmp_path):
-    extra = {"tokenizer": [], "dit": ["--job", "dit", "--tokenizer", tok_run, "--stats_batches", 2],
-             "vf": fake_dinov2(tmp_path / "dinov2") if job == "vf" else []}[job]
-    run("train.py", "--steps", 6, "--out", tmp_path / "straight", *extra, *TRAIN_FAST)
-    run("train.py", "--steps", 6, "--stop_at", 3, "--out", tmp_path / "resumed", *extra,
-        *TRAIN_FAST)
-    assert final_state(tmp_path / "resumed")["step"] == 3
-    res = run("train.py", "--steps", 6, "--out", tmp_path / "resumed", *extra, *TRAIN_FAST)
+    """Stopped at step 3 (4 for epochs) and resumed, every job ends bit for bit where an
+    uninterrupted run does: weights, EMA, discriminator, both optimizers, the VF projection; on
+    two gloo ranks; across epoch boundaries (3 steps an epoch) with two loader workers."""
+    extra = {"tokenizer": [], "gan": ["--job", "gan", "--init", tok_run, "--disc_start", 1,
+                                      "--disc_ramp", 2, "--ema", 0.9],
+             "dit": ["--job", "dit", "--tokenizer", tok_run, "--stats_batches", 2],
+             "vf": fake_dinov2(tmp_path / "dinov2") if job == "vf" else [],
+             "ddp": ["--device", "cpu"], "epochs": ["--data", tmp_path / "data", "--global_batch",
+                                                   8, "--workers", 2]}[job]
+    if job == "epochs":
+        write_folder(tmp_path / "data", n=12)                    # 25 files: 3 steps an epoch
+    stop, procs = (4 if job == "epochs" else 3), (2 if job == "ddp" else 0)
+    run("train.py", "--steps", 6, "--out", tmp_path / "straight", *TRAIN_FAST, *extra,
+        torchrun=procs)
+    run("train.py", "--steps", 6, "--stop_at", stop, "--out", tmp_path / "resumed", *TRAIN_FAST,
+        *extra, torchrun=procs)
+    assert final_state(tmp_path / "resumed")["step"] == stop
+    res = run("train.py", "--steps", 6, "--out", tmp_path / "resumed", *TRAIN_FAST, *extra,
+              torchrun=procs)
     assert "resumed from" in res.stdout + res.stderr
-    same_weights(tmp_path / "straight", tmp_path / "resumed")
-    if job == "vf":
-        a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
-        assert all(torch.equal(a["vf_proj"][k], b["vf_proj"][k]) for k in a["vf_proj"])
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    assert a["step"] == b["step"] == 6 and a["data"] == b["data"]
+    keys = [k for k in ("model", "ema", "disc", "opt", "opt_d", "vf_proj") if a.get(k) is not None]
+    assert checkpoint_equal(a, b, keys), keys
 
 
 def test_ddp_two_processes_agree(tok_run, tmp_path):
     """Tokenizer, and the GAN stage with the VF loss (autograd.grad for the adaptive weights under
-    DDP, a projection outside the DDP module): both ranks end with identical weights."""
+    DDP, a projection outside the DDP module): both ranks end with identical states, and their
+    weights moved from where they started."""
     vf = fake_dinov2(tmp_path / "dinov2")
+    torch.manual_seed(0)                                      # rank 0's initial tokenizer
+    start = {"tok": H.HieraTok(H.tokenizer_config("tiny")).state_dict(),
+             "gan": final_state(tok_run)["model"]}
     for name, argv in (("tok", []), ("gan", ["--job", "gan", "--init", tok_run, "--disc_start", 1,
                                             "--disc_ramp", 1, *vf])):
-        os.makedirs(tmp_path / f"sums-{name}")
+        os.makedirs(tmp_path / f"dump-{name}")
         run_patched(tmp_path, *argv, "--steps", 3, "--out", tmp_path / name, "--device", "cpu",
-                    *TRAIN_FAST, sums=tmp_path / f"sums-{name}", torchrun=2)
-        sums = [json.load(open(tmp_path / f"sums-{name}" / f"rank{r}.json")) for r in (0, 1)]
-        assert sums[0] == sums[1], (name, sums)
+                    *TRAIN_FAST, dump=tmp_path / f"dump-{name}", torchrun=2)
+        ranks = [torch.load(tmp_path / f"dump-{name}" / f"rank{r}.pt") for r in (0, 1)]
+        assert checkpoint_equal(*ranks, keys=list(ranks[0])), name
+        moved = [k for k, v in start[name].items() if not torch.equal(v, ranks[0]["model"][k])]
+        assert len(moved) == len(start[name]), (name, set(start[name]) - set(moved))
 
 
 def write_folder(root, n=8, corrupt=True):
@@ -735,6 +756,42 @@ def write_folder(root, n=8, corrupt=True):
             Image.fromarray(arr).save(root / c / f"{i}.png")
     if corrupt:
         (root / "a" / "broken.png").write_bytes(b"not an image at all")
+
+
+def test_image_folder_modes_and_extensions(tmp_path):
+    """Camera extensions in any case load; a 16-bit grey PNG and a palette image come out as 8-bit
+    RGB by their value range; an unreadable file is replaced and named, an empty class folder
+    reported; a folder with no class folders, no images or no readable image says so."""
+    from PIL import Image
+    root = tmp_path / "data"
+    for c in ("a", "b", "empty"):
+        os.makedirs(root / c)
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(root / "a" / "CAMERA.JPG", quality=95)
+    Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(root / "a" / "grey16.png")
+    Image.fromarray(rgb).convert("P").save(root / "b" / "palette.PNG")
+    (root / "b" / "broken.jpeg").write_bytes(b"not an image at all")
+    with pytest.warns(UserWarning, match="1 class folder.*hold no image: empty"):
+        data = H.ImageFolder(str(root), 32)
+    assert data.classes == ["a", "b", "empty"] and len(data) == 4
+    names = [os.path.basename(p) for p, _ in data.samples]
+    assert names == ["CAMERA.JPG", "grey16.png", "broken.jpeg", "palette.PNG"]
+    grey, label = data[1]
+    assert grey.shape == (3, 32, 32) and grey.dtype == torch.uint8 and label == 0
+    assert set(grey.unique().tolist()) == {128}                   # 32768 / 65535 * 255
+    assert abs(data[0][0].float().mean().item() - rgb.mean()) < 3  # the JPEG, 8-bit RGB
+    with pytest.warns(UserWarning, match="skipping unreadable image .*broken.jpeg"):
+        x, label = data[2]                                         # replaced by the next file
+    assert torch.equal(x, data[3][0]) and label == 1
+    os.makedirs(tmp_path / "bad" / "a")
+    (tmp_path / "bad" / "a" / "x.png").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="none of the 1 images under .* can be read"):
+        H.ImageFolder(str(tmp_path / "bad"), 32)
+    with pytest.raises(FileNotFoundError, match="no class folders under"):
+        H.ImageFolder(str(root / "a"), 32)
+    os.makedirs(tmp_path / "none" / "c")
+    with pytest.raises(FileNotFoundError, match="no images under"):
+        H.ImageFolder(str(tmp_path / "none"), 32)
 
 
 def test_bad_input(tok_run, tmp_path):
@@ -760,6 +817,103 @@ def test_bad_input(tok_run, tmp_path):
     assert res.returncode != 0 and "is a 'dit' checkpoint" in res.stdout
     res = run("train.py", "--out", tok_run, "--attention", "full", *TRAIN_FAST, check=False)
     assert res.returncode != 0 and "different config" in res.stdout and "attention" in res.stdout
+
+
+REFUSE = """
+import contextlib, io, json, os, runpy, sys
+sys.path.insert(0, os.path.dirname({train!r}))
+results, dest = [], sys.argv[2]
+with open(sys.argv[1]) as f:
+    cases = json.load(f)
+for argv in cases:
+    sys.argv, out = [{train!r}] + argv, io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            runpy.run_path({train!r}, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    results.append([code, out.getvalue().strip().splitlines()[-1:]])
+with open(dest, "w") as f:
+    json.dump(results, f)
+"""
+
+
+def test_bad_flags_are_refused_before_any_work(tmp_path):
+    """Every numeric flag out of its range, a config field out of its range and an unwritable
+    --out: one line naming the flag and what it allows, before any model is built (one process
+    runs train.py once per command line)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = {("--steps", "0"): "--steps 0 is out of range: it must be an integer >= 1",
+             ("--lr", "-1"): "--lr -1.0 is out of range: it must be a number > 0",
+             ("--lr", "nan"): "--lr nan is out of range",
+             ("--ckpt_every", "0"): "--ckpt_every 0 is out of range",
+             ("--log_every", "0"): "--log_every 0 is out of range",
+             ("--epochs", "0"): "--epochs 0.0 is out of range: it must be a number > 0",
+             ("--global_batch", "-4"): "--global_batch -4 is out of range",
+             ("--workers", "-1"): "--workers -1 is out of range: it must be an integer >= 0",
+             ("--warmup", "1.5"): "--warmup 1.5 is out of range: it must be in [0, 1)",
+             ("--ema", "1"): "--ema 1.0 is out of range: it must be in [0, 1)",
+             ("--clip", "-1"): "--clip -1.0 is out of range: it must be a number >= 0",
+             ("--timeout", "0"): "--timeout 0.0 is out of range",
+             ("--latent_dim", "-2"): "latent_dim -2 (--latent_dim) is out of range: it must be "
+                                     "an integer >= 1",
+             ("--patch_size", "0"): "patch_size 0 (--patch_size) is out of range",
+             ("--kl_weight", "inf"): "kl_weight inf (--kl_weight) is out of range: it must be a "
+                                     "finite number >= 0",
+             ("--out", str(blocker / "sub")): "cannot write to the run directory"}
+    argv = [[*k, *(["--out", str(tmp_path / "x")] if k[0] != "--out" else [])] for k in cases]
+    (tmp_path / "argv.json").write_text(json.dumps(argv))
+    (tmp_path / "refuse.py").write_text(REFUSE.format(train=os.path.join(HERE, "train.py")))
+    run(str(tmp_path / "refuse.py"), tmp_path / "argv.json", tmp_path / "out.json")
+    for (code, said), want in zip(json.load(open(tmp_path / "out.json")), cases.values()):
+        assert code == 2 and said and said[0].startswith("error: ") and want in said[0], said
+    assert not (tmp_path / "x").exists()                       # refused before any work
+
+
+def test_dit_resume_keeps_its_tokenizer(tok_run, tmp_path):
+    """A DiT resumes on the tokenizer file it learned from, not on a newer checkpoint its
+    --tokenizer directory gained meanwhile; another tokenizer is refused, a vanished one named."""
+    tok = tmp_path / "tok"
+    os.makedirs(tok)
+    learned = tok / "ckpt_0000004.pt"
+    learned.write_bytes(open(H.load_checkpoint(str(tok_run))[1], "rb").read())
+    dit = ["--job", "dit", "--stats_batches", 1, "--out", tmp_path / "dit", *TRAIN_FAST]
+    run("train.py", "--tokenizer", tok, "--steps", 2, *dit)
+    (tok / "ckpt_0000009.pt").write_bytes(learned.read_bytes())        # the tokenizer went on
+    res = run("train.py", "--tokenizer", tok, "--steps", 3, *dit)
+    assert f"goes on with the tokenizer file it learned from, {learned}" in res.stdout
+    assert final_state(tmp_path / "dit")["tokenizer"] == str(learned)
+    res = run("train.py", "--tokenizer", tok / "ckpt_0000009.pt", "--steps", 4, *dit, check=False)
+    assert res.returncode == 2 and "is another tokenizer" in res.stdout
+    os.remove(learned)
+    res = run("train.py", "--steps", 4, *dit, check=False)
+    assert res.returncode == 2 and "which is gone" in res.stdout
+
+
+def test_ema_switched_on_at_resume_starts_from_the_resumed_weights(tok_run, tmp_path):
+    """--ema given only at resume: the EMA starts from the resumed weights, then takes one
+    warmed-up step (decay min(0.9, (1 + 4) / (10 + 4))) toward the new weights."""
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir)
+    (run_dir / "ckpt_0000004.pt").write_bytes(open(H.load_checkpoint(str(tok_run))[1], "rb")
+                                              .read())
+    res = run("train.py", "--steps", 5, "--ema", 0.9, "--out", run_dir, *TRAIN_FAST)
+    assert "EMA on from here" in res.stdout and "the schedule changes" in res.stdout
+    before, after = H.load_checkpoint(str(run_dir / "ckpt_0000004.pt"))[0], final_state(run_dir)
+    w = 1 - min(0.9, 5 / 14)
+    for k, v in before["model"].items():
+        want = v + w * (after["model"][k] - v)
+        torch.testing.assert_close(after["ema"][k], want, rtol=1e-5, atol=1e-6)
+
+
+def test_stopped_rank_ends_the_run_with_a_message(tmp_path):
+    """Rank 1 stops answering at its third step: rank 0 gives up after --timeout with one line."""
+    res = run_patched(tmp_path, "--steps", 20, "--timeout", 0.05, "--device", "cpu", "--out",
+                      tmp_path / "run", *TRAIN_FAST, stall=(1, 3), torchrun=2, check=False)
+    assert res.returncode != 0
+    assert "error: rank 0 waited more than --timeout 0.05 min for another rank" in res.stdout
 
 
 def test_old_objective_checkpoint_is_refused(tok_run, tmp_path):
@@ -832,22 +986,46 @@ def test_nonfinite_steps_change_nothing(tok_run, tmp_path):
     gan = ["--job", "gan", "--init", tok_run, "--disc_start", 1, "--disc_ramp", 2, "--ema", 0.9,
            "--steps", 8, "--ckpt_every", 4]                   # log (and check) every 2 steps
     run("train.py", *gan, "--stop_at", 2, "--out", tmp_path / "two", *TRAIN_FAST)
-    run_patched(tmp_path, *gan, "--stop_at", 3, "--out", tmp_path / "skip", *TRAIN_FAST, nan=[3])
-    two, skip = final_state(tmp_path / "two"), final_state(tmp_path / "skip")
-    assert skip["step"] == 3 and checkpoint_equal(two, skip)
+    res = run_patched(tmp_path, *gan, "--stop_at", 3, "--out", tmp_path / "skip", *TRAIN_FAST,
+                      nan=[3], dump=tmp_path)
+    two, skip = final_state(tmp_path / "two"), torch.load(tmp_path / "rank0.pt")
+    assert checkpoint_equal(two, skip)                          # step 3 changed nothing
+    assert "no checkpoint at step 3" in res.stdout and not H.checkpoints(str(tmp_path / "skip"))
     logs = [json.loads(line) for line in open(tmp_path / "skip" / "log.jsonl")]
     assert [r["step"] for r in logs] == [2, 3]
     assert [r.get("skipped_steps") for r in logs] == [None, 1]
     assert math.isfinite(logs[0]["loss"]) and "loss" not in logs[1]     # no finite step to average
 
-    # steps 3, 4, 5 bad with --max_bad_steps 3: the checkpoint at step 4 holds step 2's weights
+    # steps 5, 6, 7 bad with --max_bad_steps 3: the stop (at the step-8 log line) names the
+    # checkpoint before them, and the rerun resumes from it
     res = run_patched(tmp_path, *gan, "--max_bad_steps", 3, "--out", tmp_path / "halt",
-                      *TRAIN_FAST, nan=[3, 4, 5], check=False)
-    assert res.returncode == 2 and "3 steps in a row" in res.stdout and "step 4" in res.stdout
+                      *TRAIN_FAST, nan=[5, 6, 7], check=False)
+    assert res.returncode == 2 and "3 steps in a row" in res.stdout
+    assert "newest checkpoint before them" in res.stdout and "ckpt_0000004.pt" in res.stdout
     assert list(H.checkpoints(str(tmp_path / "halt"))) == [4]
-    assert checkpoint_equal(two, final_state(tmp_path / "halt"))
     res = run("train.py", *gan, "--out", tmp_path / "halt", *TRAIN_FAST)
     assert "resumed from" in res.stdout + res.stderr and final_state(tmp_path / "halt")["step"] == 8
+    # a non-finite step just before a checkpoint: that checkpoint waits for the next one
+    res = run_patched(tmp_path, *gan, "--out", tmp_path / "late", *TRAIN_FAST, nan=[4])
+    assert "no checkpoint at step 4: the last 1 steps were non-finite" in res.stdout
+    assert list(H.checkpoints(str(tmp_path / "late"))) == [8]
+
+
+def test_divergence_leaves_a_checkpoint_to_train_from(tmp_path):
+    """The sequence that once poisoned a run: steps 2-6 non-finite with a checkpoint due at step
+    5. No checkpoint is written inside the bad run, the stop says the rerun starts over, and the
+    rerun trains to the end (its log holds each step once)."""
+    argv = ["--steps", 8, "--ckpt_every", 5, "--max_bad_steps", 5, "--out", tmp_path,
+            *TRAIN_FAST, "--log_every", 1]
+    res = run_patched(tmp_path, *argv, nan=[2, 3, 4, 5, 6], check=False)
+    assert res.returncode == 2 and "5 steps in a row" in res.stdout
+    assert "no checkpoint at step 5" in res.stdout and "starts the run over" in res.stdout
+    assert not H.checkpoints(str(tmp_path))
+    run("train.py", *argv, "--lr", 1e-4)
+    logs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in logs] == list(range(1, 9)) and all(
+        math.isfinite(r["loss"]) for r in logs)
+    assert final_state(tmp_path)["step"] == 8
 
 
 def test_milestones_are_kept(tmp_path):
@@ -878,6 +1056,54 @@ def test_killed_run_resumes(tmp_path):
     assert f"resumed from {found[last]}" in res.stdout + res.stderr
     assert final_state(tmp_path)["step"] == last + 2
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    logged = [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")]
+    assert logged == list(range(2, last + 3, 2))            # each step once, none lost
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in H.checkpoints(str(tmp_path)).values():          # readable by a team, like any file
+        assert os.stat(f).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_unreadable_checkpoints_are_skipped(tok_run, tmp_path, recwarn):
+    """A truncated newest checkpoint and a stray file named like one: a run directory gives its
+    newest readable checkpoint, with a warning naming each skipped file; a bad file named outright
+    says what to do; train.py resumes from the readable one."""
+    good = H.load_checkpoint(str(tok_run))[1]
+    os.makedirs(tmp_path / "run")
+    data = open(good, "rb").read()
+    for name, content in (("ckpt_0000004.pt", data), ("ckpt_0000005.pt", data[:len(data) // 2]),
+                          ("ckpt_0000006.pt", b"not a checkpoint")):
+        (tmp_path / "run" / name).write_bytes(content)
+    ckpt, file = H.load_checkpoint(str(tmp_path / "run"))
+    assert file.endswith("ckpt_0000004.pt") and ckpt["step"] == 4
+    said = " ".join(str(w.message) for w in recwarn)
+    assert "ckpt_0000005.pt is unreadable" in said and "ckpt_0000006.pt is unreadable" in said
+    with pytest.raises(ValueError, match="ckpt_0000005.pt is unreadable.*its run directory"):
+        H.load_checkpoint(str(tmp_path / "run" / "ckpt_0000005.pt"))
+    res = run("train.py", "--steps", 5, "--ckpt_every", 10, "--out", tmp_path / "run",
+              *TRAIN_FAST)
+    assert "resumed from" in res.stdout and "ckpt_0000004.pt at step 4" in res.stdout
+    assert "warning: skipping" in res.stderr and "ckpt_0000006.pt" in res.stderr
+    assert final_state(tmp_path / "run")["step"] == 5
+    for name in ("ckpt_0000004.pt", "ckpt_0000005.pt"):
+        os.remove(tmp_path / "run" / name)
+    with pytest.raises(ValueError, match="no checkpoint in .* is readable"):
+        H.load_checkpoint(str(tmp_path / "run"))
+
+
+def test_full_disk_keeps_the_last_checkpoint(tmp_path):
+    """A checkpoint write that finds the disk full (a test-only monkeypatch of torch.save) stops
+    the run with one line; the previous checkpoint stays, no temporary file is left, and the
+    rerun resumes from it."""
+    argv = ["--steps", 6, "--ckpt_every", 2, "--out", tmp_path / "run", *TRAIN_FAST]
+    res = run_patched(tmp_path, *argv, full=2, check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stdout + res.stderr
+    assert "cannot write the checkpoint of step 4" in res.stdout
+    assert "No space left on device" in res.stdout and "step 2, is intact" in res.stdout
+    assert list(H.checkpoints(str(tmp_path / "run"))) == [2]
+    assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
+    res = run("train.py", *argv)
+    assert "resumed from" in res.stdout and final_state(tmp_path / "run")["step"] == 6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1161,8 +1387,11 @@ def test_golden_runs(tmp_path):
     for job, want in GOLDEN.items():
         assert got[job]["steps"] == want["steps"]
         assert got[job]["losses"].keys() == want["losses"].keys()
-        for k, v in want["losses"].items():      # bitwise equal where recorded; a tolerance for
-            assert got[job]["losses"][k] == pytest.approx(v, rel=1e-4), (job, k)   # other CPUs
+        # bitwise equal where recorded; a tolerance for other CPUs, wider for the GAN stage whose
+        # hinge and adaptive weight amplify rounding (an AMD EPYC: d_loss 7e-4, grad_norm 2e-4)
+        for k, v in want["losses"].items():
+            rel = 2e-3 if job == "gan" else 1e-4
+            assert got[job]["losses"][k] == pytest.approx(v, rel=rel), (job, k)
         for k, v in want["weights"].items():
             assert got[job]["weights"][k] == pytest.approx(v, rel=1e-5), (job, k)
 

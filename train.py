@@ -25,7 +25,12 @@ import copy
 import json
 import math
 import os
+import re
+import shutil
+import sys
+import tempfile
 import time
+import warnings
 
 import torch
 import torch._functorch.config                              # donated_buffer (see --compile below)
@@ -109,24 +114,18 @@ g("--milestone_every", type=int, default=0, help="checkpoints at multiples of th
   "never deleted (convergence curves); 0 = none")
 g("--stop_at", type=int, default=None, help="checkpoint and exit at this step; rerun to go on")
 g("--deterministic", action="store_true", help="deterministic kernels (tests)")
+g("--timeout", type=float, default=10.0, help="minutes a rank waits for the others in a "
+  "collective (a rank stopped, hung or dead) before the run ends with a message")
 args = p.parse_args()
 job = args.job
-
-# ----------------------------------------------------------------------------------------------
-# set-up: DDP from the environment (torchrun), else one process
-
-ddp, rank, world, device, amp = H.setup(args.device, args.precision)
-master = rank == 0
-if args.deterministic:
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it to reproduce
-    torch.use_deterministic_algorithms(True)
-torch.manual_seed(args.seed + rank)
+master = int(os.environ.get("RANK", 0)) == 0
 
 
 def fail(msg):
-    """Stop every rank with one clear message (bad flags, inputs, checkpoints, a diverged run)."""
+    """Stop every rank with one clear message (bad flags, inputs, checkpoints, a diverged run),
+    on a line of its own even under the progress bar."""
     if master:
-        print(f"error: {msg}", flush=True)
+        tqdm.write(f"error: {msg}")
     raise SystemExit(2)
 
 
@@ -135,10 +134,41 @@ def log(msg):
         tqdm.write(msg)
 
 
-# ----------------------------------------------------------------------------------------------
-# models: the preset (or the stage-1 run's config) with the typed flags on top
+warnings.showwarning = lambda message, *_: tqdm.write(f"warning: {message}", file=sys.stderr)
+for names, ok, allowed in (              # every numeric flag out of range: refused before any work
+        (("steps", "global_batch", "batch", "log_every", "ckpt_every", "keep", "max_bad_steps",
+          "stop_at", "stats_batches"), lambda v: v >= 1, "an integer >= 1"),
+        (("workers", "milestone_every", "disc_start", "disc_ramp"), lambda v: v >= 0,
+         "an integer >= 0"),
+        (("epochs", "lr", "disc_lr", "timeout"), lambda v: 0 < v < math.inf, "a number > 0"),
+        (("lr_end", "disc_lr_end", "weight_decay", "clip", "gan_weight", "vf_weight",
+          "vf_margin_cos", "vf_margin_dist"), lambda v: 0 <= v < math.inf, "a number >= 0"),
+        (("warmup", "ema"), lambda v: 0 <= v < 1, "in [0, 1)")):
+    for name in names:
+        if getattr(args, name) is not None and not ok(getattr(args, name)):
+            fail(f"--{name} {getattr(args, name)} is out of range: it must be {allowed}")
 
-lpips = disc = tok = vf = None
+# ----------------------------------------------------------------------------------------------
+# set-up: DDP from the environment (torchrun), else one process
+
+ddp, rank, world, device, amp = H.setup(args.device, args.precision, args.timeout)
+if args.deterministic:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it to reproduce
+    torch.use_deterministic_algorithms(True)
+torch.manual_seed(args.seed + rank)
+if ddp:                     # a collective that timed out: one line instead of the backend's trace
+    def on_error(kind, e, tb):
+        if not re.search(r"tim(ed|ing) ?out", str(e), re.I):
+            return sys.__excepthook__(kind, e, tb)
+        tqdm.write(f"error: rank {rank} waited more than --timeout {args.timeout:g} min for "
+                   f"another rank (stopped, hung or dead), so the run ends; rerunning resumes "
+                   f"from the newest checkpoint")
+    sys.excepthook = on_error
+
+# ----------------------------------------------------------------------------------------------
+# the run, checked before any model is built: its config and data, its directory, the checkpoint
+# it resumes from and what resuming would reinterpret
+
 tok_over = H.config_overrides(args, H.HieraTokConfig)
 dit_over = H.config_overrides(args, H.DiTConfig, "dit_")
 if (tok_over and job == "dit") or (dit_over and job != "dit"):
@@ -148,7 +178,6 @@ if (tok_over and job == "dit") or (dit_over and job != "dit"):
 try:
     if job == "tokenizer":
         cfg, preset_name = H.tokenizer_config(args.preset, **tok_over), args.preset
-        model = H.HieraTok(cfg)
     elif job == "gan":
         if args.init is None:
             fail("the GAN stage starts from a stage-1 checkpoint: pass --init runs/<stage-1 run>")
@@ -156,7 +185,84 @@ try:
         H.check_resumable(init, init_path)
         cfg = H.HieraTokConfig(**{**H.config_dict(H.checkpoint_config(init)), **tok_over})
         preset_name = str(init["args"].get("preset"))        # the stage-1 run's preset
+    else:
+        preset_name = args.dit_preset
+    out_dir = args.out or os.path.join("runs", f"{job}-{preset_name}")
+    try:                                                 # writable? (a unique file per rank)
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        fail(f"cannot write to the run directory {out_dir} ({e.strerror}); pass a writable --out")
+    ck = path = None
+    if H.checkpoints(out_dir):                           # resume from the newest readable one
+        ck, path = H.load_checkpoint(out_dir, kinds=(job,))
+    if job == "dit":                     # a resumed DiT keeps the tokenizer file it learned from
+        given = args.tokenizer and os.path.abspath(args.tokenizer)
+        tok_path = ck["tokenizer"] if ck else given
+        if tok_path is None:
+            fail("the DiT job needs a tokenizer: pass --tokenizer runs/<tokenizer run>")
+        if ck and given not in (None, tok_path, os.path.dirname(tok_path)):
+            fail(f"{path} learned the latents of {tok_path}; --tokenizer {args.tokenizer} is "
+                 f"another tokenizer. Pass that file (or no --tokenizer), or use a new --out")
+        if ck and not os.path.isfile(tok_path):
+            fail(f"{path} learned the latents of {tok_path}, which is gone: restore it, or train "
+                 f"the DiT anew in another --out")
+        tok_ck, tok_path = H.load_checkpoint(tok_path, kinds=("tokenizer", "gan"))
+        tok_path = os.path.abspath(tok_path)             # the file, not a run directory
+        if ck and given == os.path.dirname(tok_path) and max(H.checkpoints(given).values()) != \
+                tok_path:
+            log(f"the DiT goes on with the tokenizer file it learned from, {tok_path}, not the "
+                f"newest of {args.tokenizer}")
+        tok_cfg = H.checkpoint_config(tok_ck)
+    data = H.dataset(args.data, tok_cfg.image_size if job == "dit" else cfg.image_size)
+    if job == "dit":                                     # the class count comes from the data
+        cfg = H.dit_config(args.dit_preset, tok_cfg, **{"num_classes": len(data.classes),
+                                                         **dit_over})
+        if cfg.num_classes < len(data.classes):
+            raise ValueError(f"--dit_num_classes {cfg.num_classes} is fewer than the data's "
+                             f"{len(data.classes)} classes")
+    elif cfg.lpips_weight > 0:                           # its weight file, or how to get one
+        H.lpips_weights_path(cfg.lpips_net, args.lpips_weights)
+    if ck:
+        H.check_resumable(ck, path, cfg)
+except (ValueError, FileNotFoundError) as e:
+    fail(str(e))
+batch = args.batch or args.global_batch // world
+if args.global_batch % (batch * world):
+    fail(f"--global_batch {args.global_batch} is not a multiple of --batch {batch} x {world} ranks")
+accum = args.global_batch // (batch * world)
+if len(data) < batch * world:
+    fail(f"the data set has {len(data)} images, fewer than one global micro-batch "
+         f"({batch} x {world})")
+steps = args.steps or (round(args.epochs * len(data) / args.global_batch) if args.epochs else 300)
+if steps < 1:
+    fail(f"--epochs {args.epochs} of {len(data)} images is not one step of {args.global_batch}")
+if ck:
+    for flag, meaning in (("global_batch", "what a step and the data position count"),
+                          ("seed", "the data order in mid-epoch")):
+        if ck["args"][flag] != getattr(args, flag):
+            fail(f"{path} was trained with --{flag} {ck['args'][flag]}: resuming with "
+                 f"{getattr(args, flag)} would change {meaning}. Pass --{flag} "
+                 f"{ck['args'][flag]}" + (" (--batch sets what fits on a device)" if
+                                          flag == "global_batch" else "") + ", or a new --out")
+    if (ck.get("vf_proj") is None) != (args.vf_weight == 0):
+        fail(f"{path} was trained {'without' if args.vf_weight else 'with'} the VF loss; match "
+             f"--vf_weight or use a new --out")
+    if ck["steps"] != steps:
+        log(f"the schedule changes: {path} was planned for {ck['steps']} steps, this run for "
+            f"{steps}; the learning rate follows the new length from step {ck['step']}")
+
+# ----------------------------------------------------------------------------------------------
+# models: the preset (or the stage-1 run's config) with the typed flags on top
+
+lpips = disc = tok = vf = None
+try:
+    if job == "dit":
+        tok = H.build_model(tok_ck).to(device).requires_grad_(False)
+        model = H.DiT(cfg)
+    else:
         model = H.HieraTok(cfg)
+    if job == "gan":
         try:
             model.load_state_dict(init["model"])
         except RuntimeError:
@@ -166,21 +272,6 @@ try:
         disc = H.Discriminator().to(device)
         if args.freeze_encoder:
             model.encoder.requires_grad_(False)
-    else:
-        if args.tokenizer is None:
-            fail("the DiT job needs a tokenizer: pass --tokenizer runs/<tokenizer run>")
-        tok_ck, tok_path = H.load_checkpoint(args.tokenizer, kinds=("tokenizer", "gan"))
-        tok = H.build_model(tok_ck).to(device).requires_grad_(False)
-        tok_path = os.path.abspath(tok_path)                 # the file, not a run directory
-        preset_name = args.dit_preset
-    data = H.dataset(args.data, tok.cfg.image_size if job == "dit" else cfg.image_size)
-    if job == "dit":                                     # the class count comes from the data
-        cfg = H.dit_config(args.dit_preset, tok.cfg, **{"num_classes": len(data.classes),
-                                                         **dit_over})
-        if cfg.num_classes < len(data.classes):
-            raise ValueError(f"--dit_num_classes {cfg.num_classes} is fewer than the data's "
-                             f"{len(data.classes)} classes")
-        model = H.DiT(cfg)
     if args.vf_weight > 0:
         if job == "dit" or args.freeze_encoder:
             fail("the VF loss shapes the encoder's latent: use it in the tokenizer or GAN job, "
@@ -188,24 +279,14 @@ try:
         net = H.DINOv2Features(args.vf_weights, args.vf_repo)
         vf = H.VFLoss(net, net.dim, cfg.latent_dim, args.vf_margin_cos, args.vf_margin_dist)
         vf = vf.to(device)
-    if job != "dit" and cfg.lpips_weight > 0:            # fail before any work if weights miss
+    if job != "dit" and cfg.lpips_weight > 0:
         lpips = H.build_lpips(cfg.lpips_net, args.lpips_weights).to(device)
-except (ValueError, FileNotFoundError, RuntimeError) as e:
+except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 raw = model = model.to(device)                           # raw: the uncompiled module, saved
 
 # ----------------------------------------------------------------------------------------------
 # data: each rank's batches in a resumable order; flips drawn on the device from the saved RNG
-
-batch = args.batch or args.global_batch // world
-if args.global_batch % (batch * world):
-    fail(f"--global_batch {args.global_batch} is not a multiple of --batch {batch} x {world} ranks")
-accum = args.global_batch // (batch * world)
-if len(data) < batch * world:
-    fail(f"the data set has {len(data)} images, fewer than one global micro-batch "
-         f"({batch} x {world})")
-steps = args.steps or (round(args.epochs * len(data) / args.global_batch) if args.epochs else 300)
-out_dir = args.out or os.path.join("runs", f"{job}-{preset_name}")
 
 
 class Sampler(torch.utils.data.DistributedSampler):
@@ -218,8 +299,9 @@ class Sampler(torch.utils.data.DistributedSampler):
 
 
 def batches(pos):
-    """Endless stream of this rank's batches from pos = [epoch, batches done in it], which is
-    updated in place so that a checkpoint can record it."""
+    """Endless stream of this rank's batches from pos = [epoch, images of it seen by all ranks],
+    updated in place so that a checkpoint can record it. Rank r takes images r, r + world, ... of
+    the epoch's permutation, so the images seen are its first pos[1] for any rank count."""
     sampler = Sampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                       drop_last=True)
     # its own generator: the loader must not draw from the global RNG, whose state resume restores
@@ -229,9 +311,9 @@ def batches(pos):
         generator=torch.Generator().manual_seed(args.seed + rank))
     while True:
         sampler.set_epoch(pos[0])
-        sampler.start = pos[1] * batch
+        sampler.start = pos[1] // world
         for b in loader:
-            pos[1] += 1
+            pos[1] += batch * world
             yield b
         pos[0], pos[1] = pos[0] + 1, 0
 
@@ -294,19 +376,11 @@ def lr_at(step, peak, warmup, end):
 
 
 # ----------------------------------------------------------------------------------------------
-# resume from the newest checkpoint in --out, or start (the DiT measures its latent statistics)
+# resume from the newest readable checkpoint in --out, or start (the DiT measures its latent
+# statistics)
 
 step, pos = 0, [0, 0]
-resumed = bool(H.checkpoints(out_dir))
-if resumed:
-    try:
-        ck, path = H.load_checkpoint(out_dir, kinds=(job,))
-        H.check_resumable(ck, path, cfg)
-    except (ValueError, RuntimeError) as e:
-        fail(str(e))
-    if (ck.get("vf_proj") is None) != (vf is None):
-        fail(f"{path} was trained {'without' if vf else 'with'} the VF loss; match --vf_weight "
-             f"or use a new --out")
+if ck:
     raw.load_state_dict(ck["model"])
     for name, obj in (("opt", opt), ("ema", ema), ("disc", disc), ("vf_proj", vf and vf.proj),
                       ("opt_d", disc and opt_d)):
@@ -318,9 +392,13 @@ if resumed:
         if device.type == "cuda" and ck["rng"][rank].get("cuda") is not None:
             torch.cuda.set_rng_state(ck["rng"][rank]["cuda"])
     else:
-        log(f"warning: checkpoint written by {len(ck['rng'])} ranks, now {world}: random "
-            f"streams restart")
+        log(f"checkpoint written by {len(ck['rng'])} ranks, now {world}: the data position "
+            f"carries over ({pos[1]} images into epoch {pos[0]}); the random streams (flips, "
+            f"noise) restart from --seed")
         torch.manual_seed(args.seed + rank + 1000 * step)
+    if (ema is None) != (ck.get("ema") is None):
+        log("EMA off from here: the checkpoint's EMA weights are dropped" if ema is None else
+            "EMA on from here: it starts from the resumed weights")
     log(f"resumed from {path} at step {step}")
 elif job == "dit":                                       # stored in the DiT's buffers
     s1 = s2 = n = 0
@@ -352,7 +430,7 @@ if ddp:                                                  # every rank starts fro
         else None
     for q in vf.proj.parameters() if vf else []:          # outside DDP: broadcast it by hand
         dist.broadcast(q.data, src=0)
-if ema is not None and not resumed:                      # after DDP's broadcast: every rank alike
+if ema is not None and (ck is None or ck.get("ema") is None):    # after DDP's broadcast
     ema.load_state_dict(raw.state_dict())
 if job == "dit":                                         # the pictures: fixed seeds and labels
     shown = dict(tokenizer=tok, dit=ema if ema is not None else raw,
@@ -364,11 +442,21 @@ else:                                                    # or a fixed batch
 # ----------------------------------------------------------------------------------------------
 # the loop
 
+log_file = os.path.join(out_dir, "log.jsonl")
 if master:
-    os.makedirs(out_dir, exist_ok=True)
     for f in os.listdir(out_dir):                        # half-written checkpoints of a killed run
         if f.endswith(".tmp"):
             os.remove(os.path.join(out_dir, f))
+    if os.path.exists(log_file):   # a killed run's records past the checkpoint come again: drop
+        records = []               # them, and a line cut short by the kill
+        for line in open(log_file):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        with open(log_file + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step)
+        os.replace(log_file + ".tmp", log_file)
     log(f"job {job} | {sum(q.numel() for q in raw.parameters()) / 1e6:.2f}M params | {world} "
         f"rank(s) on {device.type} | batch {batch} x accum {accum} x {world} = {args.global_batch} "
         f"| {steps} steps | out {out_dir}")
@@ -376,8 +464,12 @@ if master:
 flops_per_image = 3 * (H.dit_flops(cfg) if job == "dit" else H.tokenizer_flops(cfg))
 peak = H.peak_flops(device)
 stream = batches(pos)
-bad_run = worst = torch.zeros((), device=device)         # non-finite steps in a row; their max
+bad_run = worst = good_steps = torch.zeros((), device=device)   # non-finite steps in a row,
+start = step                                             # their max; finite steps of this run
 history, t0 = [], time.time()                            # each step's terms since the last log
+if step >= steps:
+    log(f"{out_dir} is at step {step} of {steps} already: nothing to train (a larger --steps or "
+        f"--epochs goes on)")
 bar = tqdm(total=steps, initial=step, disable=not master, dynamic_ncols=True, desc=job)
 model.train()
 while step < steps:
@@ -434,7 +526,7 @@ while step < steps:
         torch._foreach_mul_(delta, w)
         torch._foreach_add_(list(ema.parameters()), delta)
     bad_run = torch.where(finite, 0.0, bad_run + 1)
-    worst = torch.maximum(worst, bad_run)
+    worst, good_steps = torch.maximum(worst, bad_run), good_steps + finite.float()
     terms.update(grad_norm=norms[0], finite=finite.float())
     step += 1
     history.append(terms)
@@ -468,40 +560,65 @@ while step < steps:
                 + (f" | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_gb']:.1f}G" if peak else "")
                 + (f" | {rec['skipped_steps']} non-finite steps skipped" if len(good) < len(rows)
                    else ""))
-            with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            try:
+                with open(log_file, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            except OSError as e:
+                log(f"warning: cannot append to {log_file} ({e.strerror}); training goes on")
         if worst_run >= args.max_bad_steps:
-            last = max(H.checkpoints(out_dir), default=0)
+            found = H.checkpoints(out_dir)
             fail(f"{worst_run} steps in a row had a non-finite loss or gradient (by step {step}); "
-                 f"they were skipped and changed nothing. Lower --lr or check the data; rerunning "
-                 f"this command resumes from the newest checkpoint (step {last}).")
+                 f"they were skipped and changed nothing, and no checkpoint was written while "
+                 f"they lasted. Lower --lr or check the data: rerunning "
+                 + (f"resumes from the newest checkpoint before them, {found[max(found)]}" if found
+                    else "starts the run over (no checkpoint came before them)")
+                 + (". Every step since resuming from it was non-finite, so it may hold diverged "
+                    "weights: remove it to resume from an older one, or use a new --out"
+                    if start > 0 and good_steps.item() == 0 else ""))
         history, t0 = [], time.time()
-    # 5. checkpoint: one dict with every rank's RNG state, written atomically, and a picture
-    if at_ckpt:
+    # 5. checkpoint: one dict with every rank's RNG state, written atomically, and a picture;
+    #    never from inside a run of non-finite steps, whose weights a rerun may not train from
+    if at_ckpt and bad_run.item() > 0:
+        log(f"no checkpoint at step {step}: the last {int(bad_run.item())} steps were non-finite")
+    elif at_ckpt:
         rngs = [{"cpu": torch.get_rng_state(),
                  "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}]
         if ddp:
             rngs = rngs * world
             dist.all_gather_object(rngs, rngs[rank])
+        error = ""
         if master:
-            ck = {"job": job, "objective": H.OBJECTIVE, "config": H.config_dict(cfg), "step": step,
-                  "model": raw.state_dict(), "opt": opt.state_dict(), "data": list(pos),
-                  "ema": ema.state_dict() if ema else None, "rng": rngs, "args": vars(args)}
+            ck_file = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
+            state = {"job": job, "objective": H.OBJECTIVE, "config": H.config_dict(cfg),
+                     "step": step, "steps": steps, "model": raw.state_dict(),
+                     "opt": opt.state_dict(), "data": list(pos), "rng": rngs, "args": vars(args),
+                     "ema": ema.state_dict() if ema else None}
             if disc is not None:
-                ck.update(disc=disc.state_dict(), opt_d=opt_d.state_dict())
+                state.update(disc=disc.state_dict(), opt_d=opt_d.state_dict())
             if vf is not None:
-                ck.update(vf_proj=vf.proj.state_dict())
+                state.update(vf_proj=vf.proj.state_dict())
             if job == "dit":
-                ck.update(tokenizer=tok_path, tokenizer_config=H.config_dict(tok.cfg))
-            H.save_checkpoint(ck, os.path.join(out_dir, f"ckpt_{step:07d}.pt"))
-            every = args.milestone_every
-            for old in [f for s, f in H.checkpoints(out_dir).items()
-                        if not (every and s % every == 0)][:-args.keep]:
-                os.remove(old)                           # milestones stay
-            picture(os.path.join(out_dir, f"{'samples' if job == 'dit' else 'recon'}_{step:07d}"
-                                          f".png"), **shown)
-        if ddp:
-            dist.barrier()
+                state.update(tokenizer=tok_path, tokenizer_config=H.config_dict(tok.cfg))
+            try:
+                H.save_checkpoint(state, ck_file)
+                every = args.milestone_every
+                for old in [f for s, f in H.checkpoints(out_dir).items()
+                            if not (every and s % every == 0)][:-args.keep]:
+                    os.remove(old)                       # milestones stay
+                picture(os.path.join(out_dir, f"{'samples' if job == 'dit' else 'recon'}_"
+                                              f"{step:07d}.png"), **shown)
+            except OSError as e:
+                last = max(H.checkpoints(out_dir), default=0)
+                error = (f"cannot write the checkpoint of step {step} to {out_dir} "
+                         f"({e.strerror or 'the write failed'}; "
+                         f"{shutil.disk_usage(out_dir).free / 2 ** 20:.0f} MiB free there). The "
+                         f"newest checkpoint, step {last}, is intact: free some space and rerun "
+                         f"this command to resume from it")
+        ok = torch.tensor(0.0 if error else 1.0, device=device)
+        if ddp:                          # also the barrier: no rank goes on before the file is in
+            dist.broadcast(ok, 0)
+        if not ok.item():
+            fail(error)
     if step == args.stop_at:
         log(f"stopping at step {step} (--stop_at); rerun the same command to continue")
         break
