@@ -42,6 +42,7 @@ import math
 import os
 import pickle
 import re
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
@@ -1034,6 +1035,16 @@ JOBS = {"tokenizer": (HieraTokConfig, HieraTok), "gan": (HieraTokConfig, HieraTo
 def config_dict(cfg):
     """A config as a plain dict (lists, not tuples) that torch.load(weights_only=True) reads."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+
+
+def make_writable_dir(path):
+    """Create `path` if needed and check that a file can be written there (a unique temporary
+    one, so ranks do not collide); else ValueError naming it, before any work is done."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise ValueError(f"cannot write to {path} ({e.strerror}); pass a writable --out") from e
 
 
 def checkpoints(run_dir):

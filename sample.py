@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 
@@ -476,12 +475,7 @@ def main(argv=None):
     ddp, rank, world, device, amp = H.setup(args.device, args.precision)
     warnings.formatwarning = lambda message, *_: f"warning: {message}\n"      # one line each
     try:
-        os.makedirs(args.out, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.out).close()      # writable? (unique per rank)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write to output directory {args.out} ({e.strerror}); "
-                         f"pass a writable --out")
-    try:
+        H.make_writable_dir(args.out)
         if args.mode == "recon":
             reconstruct(args, device, amp)
         elif args.mode == "generate":

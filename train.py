@@ -184,11 +184,7 @@ try:
     else:
         preset_name = args.dit_preset
     out_dir = args.out or os.path.join("runs", f"{job}-{preset_name}")
-    try:                                                 # writable? (a unique file per rank)
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        fail(f"cannot write to the run directory {out_dir} ({e.strerror}); pass a writable --out")
+    H.make_writable_dir(out_dir)
     ck, path = H.load_checkpoint(out_dir, kinds=(job,)) if H.checkpoints(out_dir) else (None, None)
     if job == "dit":                     # a resumed DiT keeps the tokenizer file it learned from
         given = args.tokenizer and os.path.abspath(args.tokenizer)
@@ -244,7 +240,7 @@ if ck:
     if (ck.get("vf_proj") is None) != (args.vf_weight == 0):
         fail(f"{path} was trained {'without' if args.vf_weight else 'with'} the VF loss; match "
              f"--vf_weight or use a new --out")
-    if ck["steps"] != steps:
+    if ck.get("steps", steps) != steps:
         log(f"the schedule changes: {path} was planned for {ck['steps']} steps, this run for "
             f"{steps}; the learning rate follows the new length from step {ck['step']}")
 
