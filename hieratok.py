@@ -29,7 +29,8 @@ Notable choices (the README's design notes give the reasoning):
   SDPA. Because of it the first k scales' images depend only on the first k token maps: decoding a
   prefix of the sequence gives exactly the full decode's first k images (progressive decoding).
 - The loss is in LDM's units, so the paper's weights mean what they say: per-pixel means, and the
-  per-image KL divided by the image's 3·H·W values. The full resolution has weight 1 in every arm.
+  per-image KL divided by the image's 3·H·W values. The full resolution has weight 1 in every arm;
+  a coarser scale s of S adds its term at (s/S)^2 by default, its share of the image's values.
 - The DiT is trained with flow matching (x_t = (1-t) x0 + t eps, velocity target) and sampled
   with an ODE; per-sample seeds make samples independent of batch size and GPU count.
 """
@@ -213,7 +214,7 @@ class HieraTokConfig:
     lpips_net: str = "vgg"           # LPIPS backbone: "vgg" (the paper's, LDM's) | "alex" (cheaper)
     kl_weight: float = 1e-6          # KL weight in LDM's units (KL per image / 3·H·W, see loss)
     coarse_weight: float = 1.0       # multiplies every coarser scale's weight (see scale_weights)
-    scale_weighting: str = "equal"   # a coarse scale's weight: "pixels" (s/S)^2 | "equal" 1
+    scale_weighting: str = "pixels"  # coarse scale s's weight: "pixels" (s/S)^2, LDM's | "equal" 1
 
     def __post_init__(self):
         check_ranges(self)
@@ -254,7 +255,8 @@ class HieraTokConfig:
         (the paper's Appendix B: "the primary reconstruction objective" plus "the multi-scale
         supervision loss"), at coarse_weight times
           pixels: (s/S)^2, its share of the full resolution's values: LDM's loss, which sums over
-                  an image's values, called once per scale (1/256 ... 1/4 at scales 1 ... 8 of 16)
+                  an image's values, called once per scale (1/256 ... 1/4 at scales 1 ... 8 of 16);
+                  the default, in the units the KL weight already follows
           equal:  1, each scale's per-pixel mean as strong as the full resolution's.
         Single- and multi-scale arms then differ only by the coarse terms, never by the strength of
         the full resolution or of the KL."""
