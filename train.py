@@ -172,6 +172,9 @@ if (tok_over and job == "dit") or (dit_over and job != "dit"):
     flags = [f"--{k}" for k in tok_over] if job == "dit" else [f"--dit_{k}" for k in dit_over]
     fail(f"{' '.join(flags)}: flags of the other model's config; the DiT job takes its tokenizer "
          f"from --tokenizer, and the tokenizer jobs train no DiT")
+if args.vf_weight > 0 and (job == "dit" or args.freeze_encoder):
+    fail("the VF loss shapes the encoder's latent: use it in the tokenizer or GAN job, without "
+         "--freeze_encoder")
 try:
     if job == "tokenizer":
         cfg, preset_name = H.tokenizer_config(args.preset, **tok_over), args.preset
@@ -292,9 +295,6 @@ try:
         if args.freeze_encoder:
             model.encoder.requires_grad_(False)
     if args.vf_weight > 0:
-        if job == "dit" or args.freeze_encoder:
-            fail("the VF loss shapes the encoder's latent: use it in the tokenizer or GAN job, "
-                 "without --freeze_encoder")
         net = DINOv2Features(args.vf_weights, args.vf_repo)
         vf = H.VFLoss(net, net.dim, cfg.latent_dim, args.vf_margin_cos, args.vf_margin_dist)
         vf = vf.to(device)
