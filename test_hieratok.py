@@ -980,7 +980,11 @@ def test_bad_input_is_refused_before_any_work(tok_run, dit_run, tmp_path):
              ("--out", str(tok_run), "--global_batch", "8"): "was trained with --global_batch 16",
              ("--out", str(tok_run), "--seed", "3"): "was trained with --seed 0: resuming with 3",
              ("--vf_weight", "0.1", "--vf_weights", str(tmp_path / "none.pth")):
-                 "no DINOv2 weight file at"}
+                 "no DINOv2 weight file at",
+             ("--job", "dit", "--tokenizer", str(tok_run), "--vf_weight", "0.1"):
+                 "the VF loss shapes the encoder's latent",
+             ("--job", "gan", "--init", str(tok_run), "--freeze_encoder", "--vf_weight", "0.1"):
+                 "without --freeze_encoder"}
     argv = [[*TRAIN_FAST, *k, *([] if "--out" in k else ["--out", str(tmp_path / "x")])]
             for k in cases]
     (tmp_path / "argv.json").write_text(json.dumps(argv))
