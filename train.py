@@ -628,5 +628,6 @@ while step < steps:
         log(f"stopping at step {step} (--stop_at); rerun the same command to continue")
         break
 bar.close()
-if ddp:
+if ddp:                          # no rank tears its connections down while another still reads
+    dist.barrier()
     dist.destroy_process_group()
