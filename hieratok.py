@@ -175,14 +175,19 @@ def check_ranges(cfg, prefix=""):
     """Refuse a config field outside its range, naming its flag (--<prefix><field>): integers
     >= 1, drop_path and class_dropout in [0, 1), mlp_ratio > 0, the loss weights finite, >= 0."""
     for f in fields(cfg):
-        v, name = getattr(cfg, f.name), f.name
-        ok, allowed = ((v >= 1, "an integer >= 1") if f.type is int else
-                       (0 <= v < 1, "in [0, 1)") if name in ("drop_path", "class_dropout") else
-                       (0 < v < math.inf, "a finite number > 0") if name == "mlp_ratio" else
-                       (0 <= v < math.inf, "a finite number >= 0") if f.type is float else
-                       (True, ""))
+        v = getattr(cfg, f.name)
+        if f.type is int:
+            ok, allowed = v >= 1, "an integer >= 1"
+        elif f.type is not float:
+            continue
+        elif f.name in ("drop_path", "class_dropout"):
+            ok, allowed = 0 <= v < 1, "in [0, 1)"
+        elif f.name == "mlp_ratio":
+            ok, allowed = 0 < v < math.inf, "a finite number > 0"
+        else:
+            ok, allowed = 0 <= v < math.inf, "a finite number >= 0"
         if not ok:
-            raise ValueError(f"{name} {v!r} (--{prefix}{name}) is out of range: it must be "
+            raise ValueError(f"{f.name} {v!r} (--{prefix}{f.name}) is out of range: it must be "
                              f"{allowed}")
 
 
@@ -1014,12 +1019,13 @@ def load_checkpoint(path, kinds=tuple(JOBS)):
     """A checkpoint file, or a run directory's newest readable one (a newer unreadable file, cut
     short by a kill or a stray one named like a checkpoint, is skipped with a warning naming it),
     read on the CPU and checked to be one of `kinds` (its 'job'). -> (checkpoint dict, file)."""
-    found = checkpoints(path) if os.path.isdir(path) else {0: path} if os.path.exists(path) else {}
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with train.py or check the "
+                                f"path")
+    found = checkpoints(path) if os.path.isdir(path) else {0: path}
     if not found:
         raise FileNotFoundError(f"run directory {path} holds no checkpoint (ckpt_*.pt); train "
-                                f"first or check the path" if os.path.isdir(path) else
-                                f"no checkpoint at {path}; train one with train.py or check the "
-                                f"path")
+                                f"first or check the path")
     for file in reversed(found.values()):
         try:
             ckpt = torch.load(file, map_location="cpu", weights_only=True)
@@ -1119,9 +1125,12 @@ def lpips_backbone(path, net="vgg"):
         if not path.endswith(".ckpt"):
             tv = torch.load(path, map_location="cpu", weights_only=True)
             return {f"{i}.{k}": tv[f"features.{i}.{k}"] for i in idx for k in ("weight", "bias")}
-        convs = [read_numpy_pickle(path)[prefix][f"Conv_{n}"] for n in range(len(idx))]
-        return {f"{i}.{k}": torch.from_numpy(v.copy()) for i, c in zip(idx, convs)
-                for k, v in (("weight", c["kernel"].transpose(3, 2, 0, 1)), ("bias", c["bias"]))}
+        convs, state = read_numpy_pickle(path)[prefix], {}
+        for n, i in enumerate(idx):
+            kernel, bias = convs[f"Conv_{n}"]["kernel"], convs[f"Conv_{n}"]["bias"]
+            state[f"{i}.weight"] = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
+            state[f"{i}.bias"] = torch.from_numpy(bias.copy())
+        return state
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} holds no {net} backbone (missing {e}); pass the {net} weights "
                          f"or the matching --lpips_net") from e
@@ -1181,7 +1190,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
             warnings.warn(f"{len(empty)} class folder(s) under {root} hold no image: "
                           f"{', '.join(empty[:10])} (their labels stay)")
         self.bad = set()
-        self[0]                                   # a folder where nothing decodes is refused now
+        self[0]                 # decodes the first readable image: a folder of none is refused
 
     def __getitem__(self, i):
         for j in range(len(self.samples)):
