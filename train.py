@@ -249,8 +249,8 @@ class DINOv2Features(torch.nn.Module):
             raise FileNotFoundError(f"VF loss: no DINOv2 code at {repo}; pass --vf_repo")
         self.net = torch.hub.load(repo, "dinov2_vitb14", source="local", pretrained=False)
         self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), False)
+        for name, v in (("mean", [0.485, 0.456, 0.406]), ("std", [0.229, 0.224, 0.225])):
+            self.register_buffer(name, torch.tensor(v).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x):
         x = torch.nn.functional.interpolate((x + 1) / 2, (224, 224), mode="bicubic",
@@ -423,8 +423,9 @@ if ck:
     log(f"resumed from {path} at step {step}")
 elif job == "dit":                                       # stored in the DiT's buffers
     s1 = s2 = n = 0
-    stats_loader = torch.utils.data.DataLoader(data, batch, num_workers=args.workers, sampler=
-                                               Sampler(data, world, rank, seed=args.seed + 1))
+    stats_sampler = Sampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed + 1)
+    stats_loader = torch.utils.data.DataLoader(data, batch, sampler=stats_sampler,
+                                               num_workers=args.workers)
     for _, (x, _) in zip(range(args.stats_batches), stats_loader):
         z = latents(x)
         s1, s2 = s1 + z.sum((0, 2, 3)), s2 + z.square().sum((0, 2, 3))
@@ -446,7 +447,8 @@ if args.compile:                                         # after loading weights
 disc_net = disc
 if ddp:                                                  # every rank starts from rank 0's weights
     ids = [device.index] if device.type == "cuda" else None
-    model, disc_net = DDP(model, device_ids=ids), disc and DDP(disc, device_ids=ids)
+    model = DDP(model, device_ids=ids)
+    disc_net = DDP(disc, device_ids=ids) if disc is not None else None
     for q in vf.proj.parameters() if vf else []:          # outside DDP: broadcast it by hand
         dist.broadcast(q.data, src=0)
 if ema is not None and (ck is None or ck.get("ema") is None):    # after DDP's broadcast
