@@ -28,7 +28,6 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import hieratok as H
 
@@ -159,8 +158,7 @@ def bench_gan():
     d = torch.compile(disc) if args.compile else disc
     opt = adamw(disc)
     x = torch.rand(2 * batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
-    with FlopCounterMode(display=False) as fc:
-        disc(x[:1]).sum().backward()
+    flops = H.count_flops(lambda: disc(x[:1]).sum().backward())   # per image, forward + backward
     disc.zero_grad(set_to_none=True)
 
     def step():
@@ -169,7 +167,7 @@ def bench_gan():
         d_loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    report("discriminator step", timed(step), fc.get_total_flops(), n=2 * batch)
+    report("discriminator step", timed(step), flops, n=2 * batch)
     frozen = H.Discriminator().to(device).requires_grad_(False)      # eager, as in train.py
     report(f"GAN generator step ({args.preset})", timed(tokenizer_step(cfg, disc=frozen)),
            3 * H.tokenizer_flops(cfg))

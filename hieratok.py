@@ -18,7 +18,8 @@ Part one, the method
 Part two, running it
  11. Flags ................ every config field as a command-line flag
  12. Presets .............. TOKENIZER_PRESETS, DIT_PRESETS, AdamW groups
- 13. FLOPs ................ forward FLOPs per image (encoder, decoder prefix, DiT), GPU peaks
+ 13. FLOPs ................ forward FLOPs per image counted by torch (tokenizer, decoder prefix,
+                            DiT), GPU peaks
  14. Set-up, checkpoints .. device / DDP; one load, one builder; LPIPS's ImageNet weight files
  15. Data and pictures .... torchvision's ImageFolder, ADM center crop, the built-in Shapes, grids
 
@@ -55,6 +56,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 import torchvision
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import StochasticDepth
 
 IMAGENET_CLASSES = 1000
@@ -915,49 +918,38 @@ def param_groups(modules, weight_decay):
 
 
 # ----------------------------------------------------------------------------------------------
-# 13. FLOPs (forward, per image; a training step is about 3x)
+# 13. FLOPs, forward, per image (a training step is about 3x): counted by torch on models built
+#     on the meta device (shapes only: no memory, no arithmetic)
 
 
-def vit_block_flops(L, D, mlp_ratio=4.0):
-    """QKV + output projections (4 L D^2), MLP (2 r L D^2), scores and weighted sum (2 L^2 D), x2
-    for multiply-add. With r = 4 this is 2 (12 L D^2 + 2 L^2 D)."""
-    return 2 * ((4 + 2 * mlp_ratio) * L * D * D + 2 * L * L * D)
-
-
-def encoder_flops(cfg):
-    """Patch embedding, the encoder's blocks and the moments projection, per image."""
-    N, p, De = cfg.grid ** 2, cfg.patch_size, cfg.enc_dim
-    return (2 * N * 3 * p * p * De + cfg.enc_depth * vit_block_flops(N, De, cfg.mlp_ratio)
-            + 2 * N * De * 2 * cfg.latent_dim)
-
-
-def decoder_flops(cfg, upto=None):
-    """Decoding z, per image: latent projection, the downsampler, the decoder's blocks and heads,
-    over the first `upto` scales (all by default), as HieraTok.decode(z, upto) runs them."""
-    S, p, Dd = cfg.grid, cfg.patch_size, cfg.dec_dim
-    scales = cfg.scales[:upto or len(cfg.scales)]
-    L = sum(s * s for s in scales)
-    f = 2 * S * S * cfg.latent_dim * Dd                                  # latent projection
-    if cfg.downsampler == "conv":
-        for s in scales:
-            if s < S:
-                k = S // s if S % s == 0 else S - s + 1
-                f += 2 * s * s * Dd * (k * k + Dd + 9 * Dd)              # depthwise, 1x1, 3x3
-    return f + cfg.dec_depth * vit_block_flops(L, Dd, cfg.mlp_ratio) + 2 * L * Dd * 3 * p * p
+def count_flops(fn, *inputs):
+    """FLOPs of fn(*inputs), a backward included if it runs one, by torch's FlopCounterMode:
+    matmuls, convolutions and attention (on SDPA's math path, which it counts whatever the mask),
+    a multiply-add as 2; elementwise work is not counted. A ViT block of L tokens, width D and MLP
+    ratio 4 comes to 2 (12 L D^2 + 2 L^2 D)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn(*inputs)
+    return counter.get_total_flops()
 
 
 def tokenizer_flops(cfg):
-    """A whole forward pass (encode + decode every scale), per image."""
-    return encoder_flops(cfg) + decoder_flops(cfg)
+    """A whole forward pass (encode, decode every scale), per image."""
+    with torch.device("meta"):
+        return count_flops(HieraTok(cfg).eval(), torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+
+
+def decoder_flops(cfg, upto=None):
+    """Decoding z per image, over the first `upto` scales (all by default): HieraTok.decode."""
+    with torch.device("meta"):
+        z = torch.zeros(1, cfg.latent_dim, cfg.grid, cfg.grid)
+        return count_flops(HieraTok(cfg).eval().decode, z, upto)
 
 
 def dit_flops(cfg):
-    """Per image. adaLN projections act on one conditioning vector per sample: they count once."""
-    L, D = (cfg.input_size // cfg.patch_size) ** 2, cfg.dim
-    pc = cfg.patch_size ** 2 * cfg.in_channels                           # values per token
-    per_sample = 2 * (256 * D + D * D) + cfg.depth * 2 * D * 6 * D + 2 * D * 2 * D
-    blocks = cfg.depth * vit_block_flops(L, D, cfg.mlp_ratio)
-    return 2 * L * pc * D + blocks + 2 * L * D * pc + per_sample
+    """One velocity evaluation, per image (adaLN's projections act on one vector per sample)."""
+    with torch.device("meta"):
+        x = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size)
+        return count_flops(DiT(cfg), x, torch.zeros(1), torch.zeros(1, dtype=torch.long))
 
 
 def peak_flops(device):
