@@ -26,6 +26,7 @@ import math
 import os
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -210,11 +211,6 @@ def fid_model(args, device):
         print(f"(rFID not computed: {EXTRAS}, or pass --fid off to silence this)")
 
 
-def write_json(args, name, metrics):
-    with open(os.path.join(args.out, name), "w") as f:
-        json.dump(metrics, f, indent=1)
-
-
 # ----------------------------------------------------------------------------------------------
 # modes
 
@@ -262,7 +258,7 @@ def reconstruct(args, device, amp):
                            "rfid": f"{n} reconstructions vs their inputs; {FID_NET}"
                            if metrics["rfid"] is not None else None}
     H.save_grid(grid, os.path.join(args.out, "recon.png"))
-    write_json(args, "recon_metrics.json", metrics)
+    Path(args.out, "recon_metrics.json").write_text(json.dumps(metrics, indent=1))
     if full:
         np.savez(os.path.join(args.out, "ref.npz"), arr_0=refs)
         np.savez(os.path.join(args.out, "recon.npz"), arr_0=recs)
@@ -337,7 +333,7 @@ def generate(args, device, amp, rank, world):
                                       f"center crop to {size} px); {FID_NET}")
         print(f"FID {metrics['fid']:.2f} against {args.fid_ref} ({n} samples; in-repo Inception: "
               f"compare at equal counts, papers use the ADM evaluator on samples.npz)")
-    write_json(args, "gen_metrics.json", metrics)
+    Path(args.out, "gen_metrics.json").write_text(json.dumps(metrics, indent=1))
 
 
 @torch.no_grad()
@@ -389,7 +385,7 @@ def analyse(args, device, amp):
            "mean": {k: float(np.mean([r[k] for r in runs])) for k in keys},
            "std": {k: float(np.std([r[k] for r in runs])) for k in keys},
            "equivariance_error": {f"scale_{s}": v / n for s, v in err.items()}}
-    write_json(args, "latent_metrics.json", res)
+    Path(args.out, "latent_metrics.json").write_text(json.dumps(res, indent=1))
     print(f"mean ± std over {args.runs} runs: " + " | ".join(
         f"{k} {res['mean'][k]:.5f} ± {res['std'][k]:.5f}" for k in keys))
     print("equivariance error |D(D_s z) - D_s(D z)| per scale: " +
