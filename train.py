@@ -484,8 +484,9 @@ if master:
 flops_per_image = 3 * (H.dit_flops(cfg) if job == "dit" else H.tokenizer_flops(cfg))
 peak = H.peak_flops(device)
 stream = batches(pos)
-bad_run = worst = good_steps = torch.zeros((), device=device)   # non-finite steps in a row,
-start = step                                             # their most, this run's finite steps
+# non-finite steps in a row, the longest such run, and this run's finite steps (device scalars)
+bad_run = worst = good_steps = torch.zeros((), device=device)
+start = step
 sums, interval, t0 = {}, 0, time.time()          # per term: [sum, finite steps] since the last log
 bar = tqdm(total=steps, initial=step, disable=not master, dynamic_ncols=True, desc=job)
 model.train()
