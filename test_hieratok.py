@@ -390,7 +390,8 @@ def test_preset_sizes_match_the_readme():
 def test_decode_flops_follow_the_performance_model():
     """decoder_flops(upto=k), counted by torch, is the performance model's sum on the paper preset
     for every prefix k: the latent projection, each coarse scale's depthwise, 1x1 and 3x3 convs, a
-    ViT block's 2 (12 L D^2 + 2 L^2 D) per layer over the prefix's L tokens, and the heads."""
+    ViT block's 2 (12 L D^2 + 2 L^2 D) per layer over the prefix's L tokens, and the heads; and
+    counting a real model gives what the meta device gives."""
     cfg = H.tokenizer_config("paper-f16d16")
     S, D, p = cfg.grid, cfg.dec_dim, cfg.patch_size
     for k in range(1, len(cfg.scales) + 1):
@@ -399,6 +400,9 @@ def test_decode_flops_follow_the_performance_model():
         blocks = cfg.dec_depth * 2 * (12 * L * D * D + 2 * L * L * D)
         heads = 2 * L * D * 3 * p * p
         assert H.decoder_flops(cfg, k) == 2 * S * S * cfg.latent_dim * D + down + blocks + heads
+    tiny = H.tokenizer_config("tiny")            # real tensors, whatever SDPA kernel, count the same
+    x = torch.zeros(1, 3, tiny.image_size, tiny.image_size)
+    assert H.count_flops(H.HieraTok(tiny).eval(), x) == H.tokenizer_flops(tiny)
 
 
 @pytest.mark.parametrize("mode", ["conv", "interp"])
