@@ -324,6 +324,9 @@ class Downsampler(nn.Module):
             self.down = nn.ModuleList(ScaleDown(cfg.dec_dim, cfg.grid, s) for s in cfg.scales[:-1])
 
     def forward(self, h, upto=None):
+        if upto is not None and upto not in range(1, len(self.scales) + 1):
+            raise ValueError(f"upto={upto!r}: decode the first 1 to {len(self.scales)} scales, or "
+                             f"pass None for all of them")
         k = upto or len(self.scales)
         coarse = range(min(k, len(self.scales) - 1))         # the coarser scales asked for
         if self.mode == "interp":

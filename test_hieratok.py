@@ -451,11 +451,16 @@ def test_progressive_decoding_is_exact(scales, mode, attention):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_progressive_decoding_refuses_full_attention():
+def test_progressive_decoding_refusals():
+    """A prefix under full attention, a prefix of no scale (0, negative, past the last, not an
+    integer) and a token count that is no prefix are refused, never decoded short."""
     model = H.HieraTok(small_cfg(attention="full")).eval()
     z = torch.randn(1, 4, 16, 16)
     with pytest.raises(ValueError, match="causal or independent"):
         model.decode(z, upto=2)
+    for k in (0, -1, len(model.cfg.scales) + 1, 2.5):
+        with pytest.raises(ValueError, match=f"upto={k}: decode the first 1 to"):
+            model.decode(z, upto=k)
     assert len(model.decode(z, upto=len(model.cfg.scales))) == len(model.cfg.scales)
     with pytest.raises(ValueError, match="not a whole number of scales"):
         model.decoder(torch.randn(1, 7, 32))
