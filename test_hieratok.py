@@ -400,7 +400,7 @@ def test_decode_flops_follow_the_performance_model():
         blocks = cfg.dec_depth * 2 * (12 * L * D * D + 2 * L * L * D)
         heads = 2 * L * D * 3 * p * p
         assert H.decoder_flops(cfg, k) == 2 * S * S * cfg.latent_dim * D + down + blocks + heads
-    tiny = H.tokenizer_config("tiny")            # real tensors, whatever SDPA kernel, count the same
+    tiny = H.tokenizer_config("tiny")           # a real model counts as the meta one (SDPA kernel)
     x = torch.zeros(1, 3, tiny.image_size, tiny.image_size)
     assert H.count_flops(H.HieraTok(tiny).eval(), x) == H.tokenizer_flops(tiny)
 
