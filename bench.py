@@ -12,7 +12,7 @@ Parts:
   lpips       the same with LPIPS (--lpips_net vgg | alex; its ImageNet weights, found offline)
   gan         the GAN stage's discriminator step (PatchGAN, hinge; FLOPs from torch's counter) and
               generator step (+ adversarial term and adaptive weight; tokenizer FLOPs only)
-  dit         a DiT step (flow matching) on the preset's latent
+  dit         a DiT step on the preset's latent, DDPM and flow matching, and their time ratio
   ratio       multi-scale / single-scale step time of the same preset beside their FLOP ratio
   progressive decoding z up to each scale (HieraTok.decode(z, upto=k)) against the full decode
   data        ImageFolder pipeline (decode + ADM crop) images/s in one process = per loader worker
@@ -174,8 +174,8 @@ def bench_gan():
            3 * H.tokenizer_flops(cfg))
 
 
-def dit_step():
-    cfg = dit_cfg()
+def dit_step(objective):
+    cfg = dit_cfg(objective)
     model = H.DiT(cfg).to(device).train()
     fwd = torch.compile(model) if args.compile else model
     opt = adamw(model)
@@ -184,21 +184,28 @@ def dit_step():
 
     def step():
         with amp:
-            loss = H.flow_matching_loss(fwd, z, y)
+            loss = H.dit_loss(fwd, z, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
 
 
-def dit_cfg():
+def dit_cfg(objective):
     name = args.dit_preset or ("XL" if args.preset.startswith("paper") else "tiny")
-    return H.dit_config(name, tok_cfg())
+    return H.dit_config(name, tok_cfg(), objective=objective)
 
 
 def bench_dit():
-    cfg = dit_cfg()
-    report(f"DiT step ({cfg.depth} x {cfg.dim})", timed(dit_step()), 3 * H.dit_flops(cfg))
+    """A DiT step with each objective, timed interleaved: DDPM's 2C output channels and its
+    variational term against flow matching's velocity."""
+    cfgs = [dit_cfg(o) for o in ("ddpm", "flow")]
+    secs = timed(*[dit_step(c.objective) for c in cfgs])
+    for cfg, sec in zip(cfgs, secs):
+        report(f"DiT step, {cfg.objective} ({cfg.depth} x {cfg.dim})", sec, 3 * H.dit_flops(cfg))
+    row = {"part": "dit ratio", "ddpm_over_flow": secs[0] / secs[1]}
+    results.append(row)
+    print(f"DDPM / flow step time: {row['ddpm_over_flow']:.3f}x")
 
 
 def bench_ratio():

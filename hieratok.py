@@ -14,7 +14,8 @@ Paper: "HieraTok: Multi-Scale Visual Tokenizer Improves Image Reconstruction and
   8. Losses ............... every scale's reconstruction + KL in LDM's units, PatchGAN, adaptive
                             weights, VF alignment (VA-VAE), generator_loss
   9. DiT .................. Peebles & Xie's adaLN-Zero transformer on z
- 10. Flow matching ........ loss, CFG velocity, Euler / Heun sampler, per-sample seeded noise
+ 10. Objectives .......... DDPM (schedule, loss with its variational term, ancestral sampler)
+                            and flow matching (loss, Euler / Heun), CFG, per-sample noise
  11. Presets .............. TOKENIZER_PRESETS, DIT_PRESETS, AdamW groups
  12. FLOPs ................ forward FLOPs per image counted by torch (tokenizer, decoder prefix,
                             DiT), GPU peaks
@@ -28,10 +29,12 @@ Notable choices (the README's design notes give the reasoning):
 - The loss is in LDM's units, so the paper's weights mean what they say: per-pixel means, and the
   per-image KL divided by the image's 3·H·W values. The full resolution has weight 1 in every arm;
   a coarser scale s of S adds its term at (s/S)^2 by default, its share of the image's values.
-- The DiT is trained with flow matching (x_t = (1-t) x0 + t eps, velocity target) and sampled
-  with an ODE; per-sample seeds make samples independent of batch size and GPU count.
+- The DiT is vanilla DiT's DDPM by default (the paper's testbed: noise and learned variance,
+  250 respaced ancestral steps), flow matching as an option; per-sample seeds make samples
+  independent of batch size and GPU count.
 """
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
@@ -617,9 +620,13 @@ class DiTConfig:
     mlp_ratio: float = flag(4.0, "MLP hidden = mlp_ratio * width")
     num_classes: int = flag(IMAGENET_CLASSES, "class labels; index num_classes is the null class")
     class_dropout: float = flag(0.1, "label dropout in training, for classifier-free guidance")
+    objective: str = flag("ddpm", "ddpm (vanilla DiT's, the paper's testbed: noise and learned "
+                                  "variance, 250-step sampler) | flow (velocity, ODE sampler)")
 
     def __post_init__(self):
         check_ranges(self, "dit_")
+        if self.objective not in ("ddpm", "flow"):
+            raise ValueError(f"unknown objective {self.objective!r}; use one of ddpm, flow")
         if self.input_size % self.patch_size:
             raise ValueError(f"DiT patch_size {self.patch_size} does not divide the latent grid "
                              f"{self.input_size}")
@@ -633,18 +640,19 @@ def modulate(x, shift, scale):
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] -> sinusoidal features of 1000 t (DiT's frequency range) -> MLP -> (B, D)."""
+    """t -> sinusoidal features of scale * t -> MLP -> (B, D). DiT's frequency range is that of
+    DDPM's step numbers 0-999 (scale 1); flow matching's t in [0, 1] is scaled by 1000."""
 
-    def __init__(self, dim, freq_dim=256):
+    def __init__(self, dim, scale, freq_dim=256):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.scale, self.freq_dim = scale, freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
         half = self.freq_dim // 2
         k = torch.arange(half, device=t.device, dtype=torch.float32)
         freqs = torch.exp(-math.log(10000) * k / half)
-        args = 1000 * t.float()[:, None] * freqs[None]                    # (B, half)
+        args = self.scale * t.float()[:, None] * freqs[None]              # (B, half)
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
@@ -664,23 +672,25 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """Velocity model v(x_t, t, y): (B, C, H, W), (B,), (B,) -> (B, C, H, W). It also holds the
-    per-channel latent statistics (buffers, saved with it): `normalize` before training,
-    `denormalize` after sampling."""
+    """(x_t (B, C, H, W), t (B,), labels y (B,)) -> the predicted noise and a variance
+    interpolation, (B, 2C, H, W), for DDPM (t the step number 0-999), or the velocity, (B, C, H, W),
+    for flow matching (t in [0, 1]). It also holds the per-channel latent statistics (buffers,
+    saved with it): `normalize` before training, `denormalize` after sampling."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         D, p, C = cfg.dim, cfg.patch_size, cfg.in_channels
         self.grid = cfg.input_size // p
+        self.out_channels = 2 * C if cfg.objective == "ddpm" else C
         self.x_embed = nn.Conv2d(C, D, p, stride=p)
-        self.t_embed = TimestepEmbedder(D)
+        self.t_embed = TimestepEmbedder(D, scale=1 if cfg.objective == "ddpm" else 1000)
         self.y_embed = nn.Embedding(cfg.num_classes + 1, D)               # last row: the null class
         self.register_buffer("pos_embed", sincos_2d(D, self.grid)[None], persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm_final = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
-        self.head = nn.Linear(D, p * p * C)
+        self.head = nn.Linear(D, p * p * self.out_channels)
         self.register_buffer("latent_mean", torch.zeros(1, C, 1, 1))
         self.register_buffer("latent_std", torch.ones(1, C, 1, 1))
         self.initialize()
@@ -714,8 +724,8 @@ class DiT(nn.Module):
         for blk in self.blocks:
             x = blk(x, c)
         shift, scale = self.adaLN_final(c).chunk(2, dim=1)
-        x = self.head(modulate(self.norm_final(x), shift, scale))        # (B, L, p*p*C)
-        return unpatchify(x, self.cfg.patch_size, self.grid, self.cfg.in_channels)  # (B, C, H, W)
+        x = self.head(modulate(self.norm_final(x), shift, scale))        # (B, L, p*p*C_out)
+        return unpatchify(x, self.cfg.patch_size, self.grid, self.out_channels)  # (B, C_out, H, W)
 
     def set_latent_stats(self, mean, std):
         """Per-channel statistics (C,) of the tokenizer's latents on training data."""
@@ -730,23 +740,22 @@ class DiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. Flow matching: x_t = (1 - t) x0 + t eps, t = 0 data, t = 1 noise, target v = eps - x0
+# 10. The DiT's objectives and samplers. DDPM, vanilla DiT's (the paper's testbed): 1,000 steps,
+#     linear betas, the noise predicted with a learned variance, 250 respaced ancestral sampling
+#     steps. Flow matching: x_t = (1 - t) x0 + t eps (t = 0 data, t = 1 noise), velocity target
+#     eps - x0, an Euler or Heun ODE sampler. Sample i's noise comes from its own seed: samples are
+#     the same whatever the batch or the number of GPUs.
+
+DDPM_STEPS = 1000
 
 
-def flow_matching_loss(model, x0, y, t_dist="logit_normal"):
-    """x0: normalised latents (B, C, H, W); y: labels (B,). Returns the mean squared velocity error.
-    Labels are replaced by the null class with the config's class_dropout probability (for CFG)."""
-    B = x0.shape[0]
-    t = torch.sigmoid(torch.randn(B, device=x0.device)) if t_dist == "logit_normal" else \
-        torch.rand(B, device=x0.device)
-    eps = torch.randn_like(x0)
-    tb = t.view(B, 1, 1, 1)
-    xt = (1 - tb) * x0 + tb * eps
+def drop_labels(model, y):
+    """Labels replaced by the null class with the config's class_dropout probability (for CFG)."""
     cfg = unwrap(model).cfg
-    if cfg.class_dropout > 0:
-        drop = torch.rand(B, device=y.device) < cfg.class_dropout
-        y = torch.where(drop, torch.full_like(y, cfg.num_classes), y)
-    return (model(xt, t, y).float() - (eps - x0).float()).square().mean()
+    if cfg.class_dropout == 0:
+        return y
+    drop = torch.rand(y.shape[0], device=y.device) < cfg.class_dropout
+    return torch.where(drop, torch.full_like(y, cfg.num_classes), y)
 
 
 def unwrap(model):
@@ -756,30 +765,163 @@ def unwrap(model):
     return model
 
 
-def guided_velocity(model, x, t, y, cfg_scale=1.0, interval=(0.0, 1.0)):
-    """Classifier-free guidance on all channels: v_u + w (v_c - v_u) while t lies in `interval`,
-    the conditional velocity outside it (and whenever w = 1, at half the cost). t is a float."""
-    tt = torch.full((x.shape[0],), t, device=x.device)
-    if cfg_scale == 1.0 or not interval[0] <= t <= interval[1]:
-        return model(x, tt, y)
+def guided_output(model, x, t, y, cfg_scale=1.0):
+    """The model's output with classifier-free guidance on its first C channels, all of the
+    latent's (the velocity, or the predicted noise): out_u + w (out_c - out_u); a learned variance
+    (DDPM's other C channels) is the conditional prediction's, as in DiT. The conditional output
+    alone when w = 1, at half the cost."""
+    if cfg_scale == 1.0:
+        return model(x, t, y)
     null = torch.full_like(y, unwrap(model).cfg.num_classes)
-    v_c, v_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).chunk(2)
-    return v_u + cfg_scale * (v_c - v_u)
+    out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+    C = x.shape[1]
+    return torch.cat([out_u[:, :C] + cfg_scale * (out_c[:, :C] - out_u[:, :C]), out_c[:, C:]], 1)
 
 
-def seeded_noise(seeds, shape, device="cpu"):
-    """One N(0, I) tensor of `shape` per seed, drawn on the CPU from that seed alone, so sample i
-    is the same whatever the batch it is in or the number of GPUs."""
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+def generators(seeds):
+    """One CPU random generator per sample, seeded by that sample's seed alone: sample i's noise is
+    the same whatever the batch it is in or the number of GPUs."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def seeded_noise(gens, shape, device="cpu"):
+    """One N(0, I) tensor of `shape` per sample, from its own generator (see generators)."""
     return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
 
 
+class Schedule(NamedTuple):
+    """A DDPM's tables over its steps, float64 (T,), as DiT computes them."""
+    betas: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    posterior_logvar: torch.Tensor       # log var of q(x_{t-1} | x_t, x_0), at t = 0 t = 1's value
+    coef_x0: torch.Tensor                # q(x_{t-1} | x_t, x_0)'s mean: coef_x0 x_0 + coef_xt x_t
+    coef_xt: torch.Tensor
+
+
+@functools.lru_cache
+def ddpm_schedule(steps=DDPM_STEPS, device="cpu"):
+    """The 1,000-step process (linear betas 1e-4 .. 0.02), or `steps` of its steps evenly
+    respaced (0 and 999 included), which keep their cumulative alphas: the respaced betas follow
+    from them, 1 - abar_k / abar_(the kept step before). -> (Schedule on `device`, the kept steps'
+    numbers)."""
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, DDPM_STEPS, dtype=torch.float64), 0)
+    kept = [round(i * (DDPM_STEPS - 1) / max(steps - 1, 1)) for i in range(steps)]
+    abar = abar[kept]
+    prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    betas = 1 - abar / prev
+    var = betas * (1 - prev) / (1 - abar)
+    s = Schedule(betas, abar, torch.cat([var[1:2], var[1:]]).log(),
+                 betas * prev.sqrt() / (1 - abar), (1 - prev) * (1 - betas).sqrt() / (1 - abar))
+    return Schedule(*[table.to(device) for table in s]), kept
+
+
+def at(table, t):
+    """table[t] per sample (t: (B,) step indices on the table's device) as float32 (B, 1, 1, 1),
+    the float64 table's value rounded once."""
+    return table[t].float().view(-1, 1, 1, 1)
+
+
+def ddpm_noised(s, x0, t, eps):
+    """q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+    abar = s.alphas_cumprod
+    return at(abar.sqrt(), t) * x0 + at((1 - abar).sqrt(), t) * eps
+
+
+def ddpm_gaussian(s, xt, t, eps, v):
+    """The model's p(x_{t-1} | x_t) from its predicted noise eps and variance interpolation v, each
+    (B, C, H, W) -> (mean, log variance). The mean is the posterior's at the predicted x_0 (not
+    clipped); the log variance runs from the posterior's (v = -1) to log beta_t (v = 1), v not
+    clamped."""
+    abar = s.alphas_cumprod
+    x0 = at((1 / abar).sqrt(), t) * xt - at((1 / abar - 1).sqrt(), t) * eps
+    mean = at(s.coef_x0, t) * x0 + at(s.coef_xt, t) * xt
+    frac = (v + 1) / 2
+    return mean, frac * at(s.betas.log(), t) + (1 - frac) * at(s.posterior_logvar, t)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, exp logvar1) || N(mean2, exp logvar2)), elementwise, in nats."""
+    return 0.5 * (logvar2 - logvar1 - 1 + (logvar1 - logvar2).exp()
+                  + (mean1 - mean2).square() * (-logvar2).exp())
+
+
+def discretized_log_likelihood(x, mean, log_std):
+    """log P(x), elementwise, of a Gaussian discretised to 256 bins of width 2/255 on [-1, 1], the
+    edge bins open, each bin's probability floored at 1e-12 as in DiT; with the exact normal CDF,
+    where DiT's code uses a tanh approximation of it."""
+    lo, hi = (x - mean - 1 / 255) / log_std.exp(), (x - mean + 1 / 255) / log_std.exp()
+    cdf = torch.special.ndtr
+    p = torch.where(x < -0.999, cdf(hi), torch.where(x > 0.999, cdf(-lo), cdf(hi) - cdf(lo)))
+    return p.clamp_min(1e-12).log()
+
+
+def ddpm_vb(s, x0, xt, t, eps, v):
+    """The variational bound's term at step t in bits per dimension, per sample (B,): the KL
+    between the true posterior q(x_{t-1} | x_t, x_0) and the model's Gaussian for t > 0, the
+    discretised likelihood of x_0 under it for t = 0."""
+    mean, logvar = ddpm_gaussian(s, xt, t, eps, v)
+    true_mean = at(s.coef_x0, t) * x0 + at(s.coef_xt, t) * xt
+    kl = normal_kl(true_mean, at(s.posterior_logvar, t), mean, logvar).mean((1, 2, 3))
+    nll = -discretized_log_likelihood(x0, mean, 0.5 * logvar).mean((1, 2, 3))
+    return torch.where(t == 0, nll, kl) / math.log(2.0)
+
+
+def ddpm_loss(model, x0, y):
+    """Vanilla DiT's objective on normalised latents x0 (B, C, H, W), labels y (B,): t uniform on
+    the 1,000 steps, the mean squared error of the predicted noise, plus the variational term
+    (not rescaled) with the predicted noise detached, so that it trains only the variance."""
+    s = ddpm_schedule(device=x0.device)[0]
+    t = torch.randint(0, DDPM_STEPS, (x0.shape[0],), device=x0.device)
+    eps = torch.randn_like(x0)
+    xt = ddpm_noised(s, x0, t, eps)
+    eps_pred, v = model(xt, t, drop_labels(model, y)).float().chunk(2, dim=1)
+    mse = (eps_pred - eps).square().mean((1, 2, 3))
+    return (mse + ddpm_vb(s, x0, xt, t, eps_pred.detach(), v)).mean()
+
+
 @torch.no_grad()
-def sample_latents(model, y, seeds, steps=50, method="heun", cfg_scale=1.0, interval=(0.0, 1.0)):
-    """Integrate dx/dt = v from t = 1 (noise) to t = 0 (data) with Euler or Heun steps; returns
-    latents in the tokenizer's units (denormalised)."""
+def ddpm_sample(model, y, seeds, steps=250, cfg_scale=1.0):
+    """Ancestral sampling over `steps` of the 1,000 steps, evenly respaced (DiT's 250): at each
+    kept step, from the model's Gaussian (learned variance, x_0 not clipped) with each sample's own
+    noise, none at the last. The model sees a kept step's own number (0-999), never its index."""
     cfg = unwrap(model).cfg
-    x = seeded_noise(seeds, (cfg.in_channels, cfg.input_size, cfg.input_size), y.device)
+    s, kept = ddpm_schedule(steps, y.device)
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    gens = generators(seeds)
+    x = seeded_noise(gens, shape, y.device)
+    for i in reversed(range(steps)):
+        t = torch.full((len(x),), kept[i], device=x.device)
+        eps, v = guided_output(model, x, t, y, cfg_scale).float().chunk(2, dim=1)
+        mean, logvar = ddpm_gaussian(s, x, torch.full_like(t, i), eps, v)
+        x = mean + (0.5 * logvar).exp() * seeded_noise(gens, shape, x.device) if i > 0 else mean
+    return unwrap(model).denormalize(x)
+
+
+def flow_matching_loss(model, x0, y, t_dist="logit_normal"):
+    """x0: normalised latents (B, C, H, W); y: labels (B,). Returns the mean squared velocity
+    error, t logit-normal (or uniform) on [0, 1]."""
+    B = x0.shape[0]
+    t = torch.sigmoid(torch.randn(B, device=x0.device)) if t_dist == "logit_normal" else \
+        torch.rand(B, device=x0.device)
+    eps = torch.randn_like(x0)
+    tb = t.view(B, 1, 1, 1)
+    xt = (1 - tb) * x0 + tb * eps
+    return (model(xt, t, drop_labels(model, y)).float() - (eps - x0).float()).square().mean()
+
+
+def guided_velocity(model, x, t, y, cfg_scale=1.0, interval=(0.0, 1.0)):
+    """The flow's velocity at time t (a float), guided while t lies in `interval`, conditional
+    outside it."""
+    tt = torch.full((x.shape[0],), t, device=x.device)
+    return guided_output(model, x, tt, y, cfg_scale if interval[0] <= t <= interval[1] else 1.0)
+
+
+@torch.no_grad()
+def flow_sample(model, y, seeds, steps=50, method="heun", cfg_scale=1.0, interval=(0.0, 1.0)):
+    """Integrate dx/dt = v from t = 1 (noise) to t = 0 (data) with Euler or Heun steps."""
+    cfg = unwrap(model).cfg
+    x = seeded_noise(generators(seeds), (cfg.in_channels, cfg.input_size, cfg.input_size),
+                     y.device)
     ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
     for t, t_next in zip(ts[:-1], ts[1:]):
         v = guided_velocity(model, x, t, y, cfg_scale, interval)
@@ -789,6 +931,21 @@ def sample_latents(model, y, seeds, steps=50, method="heun", cfg_scale=1.0, inte
             x_next = x + (t_next - t) * 0.5 * (v + v_next)
         x = x_next
     return unwrap(model).denormalize(x.float())
+
+
+def dit_loss(model, x0, y, t_dist="logit_normal"):
+    """The loss of the DiT's objective (its config's): ddpm_loss, or flow_matching_loss."""
+    if unwrap(model).cfg.objective == "ddpm":
+        return ddpm_loss(model, x0, y)
+    return flow_matching_loss(model, x0, y, t_dist)
+
+
+def sample_latents(model, y, seeds, steps=None, method="heun", cfg_scale=1.0, interval=(0.0, 1.0)):
+    """Latents, in the tokenizer's units, from the DiT's own sampler: DDPM's ancestral steps (250
+    by default), or the flow's ODE (50 steps by default; `method` and `interval` are its own)."""
+    if unwrap(model).cfg.objective == "ddpm":
+        return ddpm_sample(model, y, seeds, steps or 250, cfg_scale)
+    return flow_sample(model, y, seeds, steps or 50, method, cfg_scale, interval)
 
 
 # ----------------------------------------------------------------------------------------------

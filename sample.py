@@ -4,8 +4,9 @@ sample.py: see and measure what the trained models do. Every metrics file record
 
   recon     input beside its reconstruction at every scale (PNG); PSNR / SSIM / LPIPS per scale,
             rFID, ref.npz / recon.npz for the ADM evaluator; --upto k: the first k scales only
-  generate  DiT samples (CFG scale, steps, sampler, guidance interval): a PNG grid, the samples at
-            every scale (Appendix D's view), samples.npz for gFID, FID against --fid_ref
+  generate  DiT samples by the sampler of its objective (DDPM: 250 respaced ancestral steps; flow:
+            Euler / Heun ODE, guidance interval), CFG scale: a PNG grid, the samples at every
+            scale (Appendix D's view), samples.npz for gFID, FID against --fid_ref
   latent    the paper's Table 5 by its protocol (VA-VAE's): latent tokens, t-SNE, a Gaussian KDE,
             density CV / Gini / normalised entropy over runs; Figure 5's picture; the per-scale
             equivariance error |D(D_s z) - D_s(D z)|
@@ -278,6 +279,17 @@ def reconstruct(args, device, amp):
 @torch.no_grad()
 def generate(args, device, amp, rank, world):
     dit, ck, proto = load(args.ckpt, ("dit",), device)
+    objective = dit.cfg.objective
+    if objective == "ddpm" and (args.sampler or args.interval):
+        raise SystemExit("error: --sampler and --interval are the flow sampler's; this DiT learned "
+                         "DDPM and samples with ancestral steps (--steps, 250 by default)")
+    if objective == "ddpm" and (args.steps or 0) > H.DDPM_STEPS:
+        raise SystemExit(f"error: --steps {args.steps}: DDPM samples at most its "
+                         f"{H.DDPM_STEPS} steps")
+    steps = args.steps or (250 if objective == "ddpm" else 50)
+    method = args.sampler or "heun"                  # the flow's ODE integrator
+    sampler = "ancestral, learned variance (DDPM)" if objective == "ddpm" else method
+    interval = tuple(args.interval or (0.0, 1.0))
     tok, _, tok_proto = load(args.tokenizer or ck["tokenizer"], ("tokenizer", "gan"), device)
     fid = FID(device) if args.fid_ref and rank == 0 else None          # fail early if missing
     nc = dit.cfg.num_classes
@@ -292,8 +304,8 @@ def generate(args, device, amp, rank, world):
     for b, idx in enumerate(tqdm(mine, desc="generate", disable=rank != 0)):
         y = torch.tensor([classes[i % len(classes)] for i in idx], device=device)
         with amp:
-            z = H.sample_latents(dit, y, [args.seed * 1_000_003 + int(i) for i in idx], args.steps,
-                                 args.sampler, args.cfg_scale, tuple(args.interval))
+            z = H.sample_latents(dit, y, [args.seed * 1_000_003 + int(i) for i in idx], steps,
+                                 method, args.cfg_scale, interval)
             outs = tok.decode(z)
         images.append(R.to_uint8(outs[-1]))
         if b == 0 and rank == 0:         # column k: what decoding only the first k scales gives
@@ -321,8 +333,10 @@ def generate(args, device, amp, rank, world):
     print(f"wrote {args.out}/samples.npz {part.shape} uint8, samples.png, samples_scales.png")
     metrics = {"protocol": {**proto, "tokenizer": tok_proto, "samples": n, "classes": "cycled: "
                             + (",".join(map(str, args.classes)) if args.classes else "all"),
-                            "sampler": args.sampler, "steps": args.steps,
-                            "cfg_scale": args.cfg_scale, "guidance_interval": args.interval,
+                            "objective": objective, "sampler": sampler, "steps": steps,
+                            "cfg_scale": args.cfg_scale, "guidance": "all latent channels" + (
+                                f", flow times in {list(interval)}" if objective == "flow" else
+                                "; the variance from the conditional prediction"),
                             "seed": args.seed, "noise": "sample i from seed * 1000003 + i",
                             "latent_mean": dit.latent_mean.flatten().tolist(),
                             "latent_std": dit.latent_std.flatten().tolist()}}
@@ -415,9 +429,9 @@ def main(argv=None):
     arg("--num_samples", type=COUNT, default=16, help="generate: samples over all processes")
     arg("--classes", type=int, nargs="+", help="generate: labels, cycled (default: all in turn)")
     arg("--cfg_scale", type=float, default=1.0, help="generate: CFG scale (1 = none, as gFID)")
-    arg("--interval", type=float, nargs=2, default=[0.0, 1.0], help="generate: guidance's t range")
-    arg("--steps", type=COUNT, default=50, help="generate: ODE steps")
-    arg("--sampler", default="heun", choices=["euler", "heun"], help="generate: ODE integrator")
+    arg("--interval", type=float, nargs=2, help="generate, flow: guidance's t range (default 0 1)")
+    arg("--steps", type=COUNT, help="generate: sampling steps (DDPM 250, respaced; flow 50)")
+    arg("--sampler", choices=["euler", "heun"], help="generate, flow: ODE integrator (heun)")
     arg("--seed", type=int, default=0, help="sample i: seed * 1000003 + i; latent run r: seed + r")
     arg("--fid_ref", help="generate: FID against this image folder or ADM .npz (recon's ref.npz)")
     arg("--points", type=COUNT, default=10000, help="latent: tokens per run")

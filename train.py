@@ -4,7 +4,7 @@ checks, models, data, optimizers, resume, the loop's helpers, then the loop, top
 
   tokenizer   stage 1: L1 + MSE + LPIPS + KL over every scale
   gan         stage 2: stage 1's losses + a PatchGAN (hinge, adaptive weight), from a stage-1 run
-  dit         a DiT with flow matching on the latents of a tokenizer checkpoint
+  dit         a DiT on the latents of a tokenizer checkpoint: DDPM (vanilla DiT's), or flow
 
   python train.py                                          # tiny tokenizer, built-in data, ~3 min
   python train.py --job dit --tokenizer runs/tokenizer-tiny              # tiny DiT on its latents
@@ -95,7 +95,8 @@ arg("--vf_margin_dist", type=NONNEG, default=0.25, help="distance-matrix margin"
 arg = p.add_argument_group("DiT").add_argument
 arg("--tokenizer", help="tokenizer checkpoint (file or run directory) whose latents the DiT learns")
 arg("--dit_preset", default="tiny", help=f"DiT preset: {', '.join(H.DIT_PRESETS)}")
-arg("--t_dist", default="logit_normal", choices=["logit_normal", "uniform"], help="flow's t")
+arg("--t_dist", default="logit_normal", choices=["logit_normal", "uniform"],
+    help="flow matching's t (DDPM's is uniform on its 1,000 steps)")
 arg("--stats_batches", type=COUNT, default=20, help="batches per rank for the latent mean / std")
 R.add_config_flags(p, H.DiTConfig, H.DIT_PRESETS.get(named.dit_preset, {}), prefix="dit_",
                    skip=("input_size", "in_channels"),
@@ -616,7 +617,7 @@ while step < steps:
             if job == "dit":
                 z = latents(x)
                 with amp:
-                    loss = H.flow_matching_loss(model, raw.normalize(z), y.to(device), args.t_dist)
+                    loss = H.dit_loss(model, raw.normalize(z), y.to(device), args.t_dist)
                 terms = {}
             else:
                 x = images(x)
