@@ -308,6 +308,12 @@ class ScaleDown(nn.Module):
             LayerNorm2d(dim, eps=1e-6),
             nn.Conv2d(dim, dim, 1, bias=False), LayerNorm2d(dim, eps=1e-6),
             nn.Conv2d(dim, dim, 3, padding=1, bias=False), LayerNorm2d(dim, eps=1e-6))
+        # The convs read channels-last maps (h and LayerNorm2d's outputs are permuted views), so
+        # the depthwise and 1x1 weights, whose size-1 dims allow either layout for the same
+        # storage, get channels-last gradients; giving the weights that layout (same values)
+        # keeps their gradients' strides equal to theirs, as DDP's gradient buckets expect.
+        for conv in self.net[0], self.net[2]:
+            conv.to(memory_format=torch.channels_last)
 
     def forward(self, h):
         return self.net(h)
