@@ -86,13 +86,25 @@ POSITIVE, NONNEG = within(float, 0, above=True), within(float, 0)
 def setup(device=None, precision="bf16", timeout=10.0):
     """One process, or DDP from torchrun's environment: -> (ddp, rank, world, device, autocast).
     CUDA when there (or as `device` says) with TF32 matmuls; bf16 autocast on CUDA unless fp32.
-    A collective that waits more than `timeout` minutes for a rank (stopped, hung, dead) fails."""
+    Forming the group, or a collective, that waits more than `timeout` minutes for a rank
+    (stopped, hung, dead) fails."""
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     ddp = "RANK" in os.environ
-    if ddp:
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo",
-                                             timeout=datetime.timedelta(minutes=timeout))
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    if ddp:
+        wait = datetime.timedelta(minutes=timeout)
+        # torchrun --max-restarts keeps its store across attempts, and init_process_group's keys
+        # (each rank's gloo address, NCCL's id) do not name the attempt: a restarted rank could
+        # read a dead rank's address and connect to a port nobody listens on. So each attempt
+        # gets its own keys. The agent serves the store where it says so, else rank 0 does.
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"],
+                                           int(os.environ["MASTER_PORT"]), world,
+                                           is_master=rank == 0 and not agent, timeout=wait)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        torch.distributed.init_process_group(
+            "nccl" if use_cuda else "gloo", store=torch.distributed.PrefixStore(
+                f"attempt_{attempt}/", store), rank=rank, world_size=world, timeout=wait)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)

@@ -127,9 +127,9 @@ class RandomFeatures(nn.Module):
 TRAIN_FAST = ["--global_batch", "16", "--workers", "0", "--log_every", "2", "--deterministic"]
 
 
-def run(script, *argv, torchrun=0, check=True, env=None):
+def run(script, *argv, torchrun=0, restarts=0, check=True, env=None):
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
-                               f"--nproc_per_node={torchrun}"]
+                               f"--nproc_per_node={torchrun}", f"--max-restarts={restarts}"]
                               if torchrun else []) + [os.path.join(HERE, script), *map(str, argv)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default", **(env or {})}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, timeout=600)
@@ -155,18 +155,21 @@ def checkpoint_equal(a, b, keys=("model", "ema", "disc", "opt", "opt_d")):
 
 
 PATCHED = """
-import errno, json, os, runpy, sys, time
+import errno, json, os, runpy, signal, sys, time
 sys.path.insert(0, os.path.dirname({train!r}))
 import hieratok as H
 bad, calls, original = {nan}, [0], H.generator_loss
 full, saves, save = {full}, [0], H.torch.save
-stall = {stall}
+stall, die = {stall}, {die}
+rank, attempt = int(os.environ.get("RANK", 0)), os.environ.get("TORCHELASTIC_RESTART_COUNT")
 
 
 def generator_loss(*args, **kwargs):            # a NaN loss at the chosen (1-based) calls
     calls[0] += 1
-    if stall and calls[0] == stall[1] and int(os.environ.get("RANK", 0)) == stall[0]:
+    if stall and calls[0] == stall[1] and rank == stall[0]:
         time.sleep(120)                         # this rank stops answering
+    if die and calls[0] == die[1] and rank == die[0] and attempt == "0":
+        os.kill(os.getpid(), signal.SIGKILL)    # this rank dies, in torchrun's first attempt
     loss, terms = original(*args, **kwargs)
     return (loss * float("nan") if calls[0] in bad else loss), terms
 
@@ -192,15 +195,16 @@ finally:                                          # each rank's state, as the ru
 """
 
 
-def run_patched(tmp_path, *argv, nan=(), dump=None, full=0, stall=(), **kw):
+def run_patched(tmp_path, *argv, nan=(), dump=None, full=0, stall=(), die=(), **kw):
     """train.py under a test-only monkeypatch: NaN losses at the given generator-loss calls (one
     per step with one micro-batch), a full disk at the `full`-th torch.save, rank `stall[0]`
-    stopping at loss call `stall[1]`; each rank's final state (model, EMA, discriminator, VF
-    projection, optimizers) saved to `dump`/rank<r>.pt."""
+    stopping at loss call `stall[1]`, rank `die[0]` killed at loss call `die[1]` of torchrun's
+    first attempt; each rank's final state (model, EMA, discriminator, VF projection, optimizers)
+    saved to `dump`/rank<r>.pt."""
     script = tmp_path / "patched_train.py"
     script.write_text(PATCHED.format(nan=set(nan), train=os.path.join(HERE, "train.py"),
                                      dump=str(dump) if dump else "", full=full,
-                                     stall=tuple(stall)))
+                                     stall=tuple(stall), die=tuple(die)))
     return run(str(script), *argv, **kw)
 
 
@@ -1275,6 +1279,20 @@ def test_stopped_rank_ends_the_run_with_a_message(tmp_path):
                       tmp_path / "run", *TRAIN_FAST, stall=(1, 3), torchrun=2, check=False)
     assert res.returncode != 0
     assert "error: rank 0 waited more than --timeout 0.05 min for another rank" in res.stdout
+
+
+def test_torchrun_restart_resumes_exactly(tmp_path):
+    """Under torchrun --max-restarts=1, rank 1 killed (SIGKILL) in its fifth step: the survivor
+    ends with one line, the group re-forms, resumes once from the step-4 checkpoint and ends at
+    step 6 with the weights and optimizer of an uninterrupted two-rank run."""
+    argv = ["--steps", 6, "--ckpt_every", 2, "--device", "cpu", *TRAIN_FAST]
+    run("train.py", *argv, "--out", tmp_path / "straight", torchrun=2)
+    res = run_patched(tmp_path, *argv, "--out", tmp_path / "killed", die=(1, 5), torchrun=2,
+                      restarts=1)
+    assert "error: rank 0 lost another rank" in res.stdout
+    assert res.stdout.count("resumed from") == 1 and "ckpt_0000004.pt at step 4" in res.stdout
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
+    assert a["step"] == b["step"] == 6 and checkpoint_equal(a, b, ("model", "opt"))
 
 
 def test_milestones_are_kept(tmp_path):

@@ -134,18 +134,29 @@ warnings.showwarning = lambda message, *_: tqdm.write(f"warning: {message}", fil
 # ----------------------------------------------------------------------------------------------
 # set-up: DDP from the environment (torchrun), else one process
 
-ddp, rank, world, device, amp = R.setup(args.device, args.precision, args.timeout)
+try:
+    ddp, rank, world, device, amp = R.setup(args.device, args.precision, args.timeout)
+except RuntimeError as e:                    # torch.distributed's errors: the group did not form
+    tqdm.write(f"error: rank {os.environ.get('RANK')} could not form the process group within "
+               f"--timeout {args.timeout:g} min ({str(e).splitlines()[0][:300]}); rerunning "
+               f"resumes from the newest checkpoint")
+    raise SystemExit(2)
 if args.deterministic:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it to reproduce
     torch.use_deterministic_algorithms(True)
 torch.manual_seed(args.seed + rank)
-if ddp:                     # a collective that timed out: one line instead of the backend's trace
+if ddp:                     # a rank stopped, hung or died: one line instead of the backend's trace
     def on_error(kind, e, tb):
-        if not re.search(r"tim(ed|ing) ?out", str(e), re.I):
+        text = str(e)
+        if re.search(r"tim(ed|ing) ?out", text, re.I):
+            why = f"waited more than --timeout {args.timeout:g} min for another rank (stopped, hung "
+            why += "or dead)"
+        elif isinstance(e, dist.DistError) or re.search(r"by peer|Connection refused", text):
+            why = f"lost another rank ({text.splitlines()[0][:200]})"
+        else:
             return sys.__excepthook__(kind, e, tb)
-        tqdm.write(f"error: rank {rank} waited more than --timeout {args.timeout:g} min for "
-                   f"another rank (stopped, hung or dead), so the run ends; rerunning resumes "
-                   f"from the newest checkpoint")
+        tqdm.write(f"error: rank {rank} {why}, so the run ends; rerunning resumes from the newest "
+                   f"checkpoint")
     sys.excepthook = on_error
 
 # ----------------------------------------------------------------------------------------------
