@@ -177,13 +177,15 @@ def load_checkpoint(path, kinds=tuple(JOBS)):
 
 def checkpoint_config(ckpt):
     """The config a checkpoint stores, as its dataclass; fields this version does not know are
-    dropped with a warning, missing ones take their defaults."""
+    dropped with a warning, missing ones take their defaults, except a DiT's objective: one saved
+    before the field existed learned flow matching."""
     cls = JOBS[ckpt["job"]][0]
-    unknown = set(ckpt["config"]) - {f.name for f in fields(cls)}
+    saved = {"objective": "flow", **ckpt["config"]} if ckpt["job"] == "dit" else ckpt["config"]
+    unknown = set(saved) - {f.name for f in fields(cls)}
     if unknown:
         warnings.warn(f"checkpoint config fields {sorted(unknown)} are unknown to this version; "
                       f"ignored")
-    return cls(**{k: v for k, v in ckpt["config"].items() if k not in unknown})
+    return cls(**{k: v for k, v in saved.items() if k not in unknown})
 
 
 def build_model(ckpt, ema=True):

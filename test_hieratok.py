@@ -940,6 +940,17 @@ def test_load_checkpoint_skips_unreadable_files(tmp_path, recwarn):
         R.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
+def test_checkpoint_config_fills_missing_fields():
+    """A config saved before a field existed gets its default, save the DiT's objective: a DiT
+    saved before objectives existed learned flow matching, and builds as one."""
+    tok = {k: v for k, v in R.config_dict(small_cfg()).items() if k != "scale_weighting"}
+    assert R.checkpoint_config({"job": "tokenizer", "config": tok}).scale_weighting == "pixels"
+    dit = {k: v for k, v in R.config_dict(tiny_dit(objective="flow").cfg).items()
+           if k != "objective"}
+    ck = {"job": "dit", "config": dit, "model": tiny_dit(objective="flow").state_dict()}
+    assert R.checkpoint_config(ck).objective == "flow" and R.build_model(ck).out_channels == 4
+
+
 def test_image_folder_modes_and_extensions(tmp_path):
     """Camera extensions in any case load; a 16-bit grey PNG and a palette image come out as 8-bit
     RGB by their value range; an unreadable file is replaced and named, an empty class folder
