@@ -7,7 +7,8 @@ cores:  python -m pytest -q -rs test_hieratok.py
   method ......... preset sizes and FLOPs (the README's table), shapes, mask semantics, progressive
                    decoding, downsampler, config ranges and flags, scale weights, the KL in LDM's
                    units, LPIPS (ImageNet weights, their sources, the numpy-only unpickler), the
-                   GAN's head gradient, the VF loss, a tiny overfit; the DiT and flow matching
+                   GAN's head gradient, the VF loss, a tiny overfit; the DiT, DDPM (schedule,
+                   variational terms, oracle samplers) and flow matching
   runtime.py ..... weight-decay groups, checkpoint loading, the image folder, the Python block of
                    the README
   train.py ....... every job end to end, exact resume (every job, two ranks, epoch boundaries), DDP,
@@ -683,7 +684,7 @@ def test_tiny_overfits_one_batch():
     assert terms["rec"].item() < first / 10, (first, terms["rec"].item())
 
 # ----------------------------------------------------------------------------------------------
-# the method, sections 9-10: DiT and flow matching
+# the method, sections 9-10: the DiT, its DDPM and flow-matching objectives and samplers
 
 
 def test_dit_parameter_counts():
