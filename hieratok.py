@@ -753,6 +753,7 @@ class DiT(nn.Module):
 #     the same whatever the batch or the number of GPUs.
 
 DDPM_STEPS = 1000
+SAMPLING_STEPS = {"ddpm": 250, "flow": 50}    # each sampler's default (DiT's 250; 50 ODE steps)
 
 
 def drop_labels(model, y):
@@ -886,7 +887,7 @@ def ddpm_loss(model, x0, y):
 
 
 @torch.no_grad()
-def ddpm_sample(model, y, seeds, steps=250, cfg_scale=1.0):
+def ddpm_sample(model, y, seeds, steps, cfg_scale=1.0):
     """Ancestral sampling over `steps` of the 1,000 steps, evenly respaced (DiT's 250): at each
     kept step, from the model's Gaussian (learned variance, x_0 not clipped) with each sample's own
     noise, none at the last. The model sees a kept step's own number (0-999), never its index."""
@@ -923,7 +924,7 @@ def guided_velocity(model, x, t, y, cfg_scale=1.0, interval=(0.0, 1.0)):
 
 
 @torch.no_grad()
-def flow_sample(model, y, seeds, steps=50, method="heun", cfg_scale=1.0, interval=(0.0, 1.0)):
+def flow_sample(model, y, seeds, steps, method="heun", cfg_scale=1.0, interval=(0.0, 1.0)):
     """Integrate dx/dt = v from t = 1 (noise) to t = 0 (data) with Euler or Heun steps."""
     cfg = unwrap(model).cfg
     x = seeded_noise(generators(seeds), (cfg.in_channels, cfg.input_size, cfg.input_size),
@@ -947,11 +948,13 @@ def dit_loss(model, x0, y, t_dist="logit_normal"):
 
 
 def sample_latents(model, y, seeds, steps=None, method="heun", cfg_scale=1.0, interval=(0.0, 1.0)):
-    """Latents, in the tokenizer's units, from the DiT's own sampler: DDPM's ancestral steps (250
-    by default), or the flow's ODE (50 steps by default; `method` and `interval` are its own)."""
-    if unwrap(model).cfg.objective == "ddpm":
-        return ddpm_sample(model, y, seeds, steps or 250, cfg_scale)
-    return flow_sample(model, y, seeds, steps or 50, method, cfg_scale, interval)
+    """Latents, in the tokenizer's units, from the DiT's own sampler: DDPM's ancestral steps or the
+    flow's ODE (`method` and `interval` are its own), SAMPLING_STEPS[objective] by default."""
+    objective = unwrap(model).cfg.objective
+    steps = steps or SAMPLING_STEPS[objective]
+    if objective == "ddpm":
+        return ddpm_sample(model, y, seeds, steps, cfg_scale)
+    return flow_sample(model, y, seeds, steps, method, cfg_scale, interval)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -962,11 +965,9 @@ TOKENIZER_PRESETS = {
     "tiny": dict(image_size=32, patch_size=4, enc_depth=2, enc_dim=64, enc_heads=4, dec_depth=2,
                  dec_dim=64, dec_heads=4, drop_path=0.0, latent_dim=4, scales=(1, 2, 4, 8),
                  lpips_weight=0.0),
-    # a stage-1 ablation arm on 2 CPU cores (64 px, 8x8x16 latent, 85 decoder tokens), without
-    # LPIPS: at that size LPIPS in training hides the multi-scale gain (EXPERIMENTS.md), and
-    # --lpips_weight 1 adds AlexNet's (the paper's VGG costs several times the model's step
-    # there); and the paper's token geometry (341 tokens, scales 1..16) at 128 px and small
-    # widths for one GPU
+    # a stage-1 arm on 2 CPU cores (64 px, 8x8x16 latent, 85 decoder tokens) without LPIPS, which
+    # hides the multi-scale gain at that size (--lpips_weight 1: AlexNet's, VGG costing 6x the
+    # step); the paper's token geometry (341 tokens, scales 1..16) at 128 px for one GPU
     "cpu-64": dict(image_size=64, patch_size=8, enc_depth=2, enc_dim=128, enc_heads=2,
                    dec_depth=4, dec_dim=192, dec_heads=3, drop_path=0.0, latent_dim=16,
                    scales=(1, 2, 4, 8), lpips_weight=0.0, lpips_net="alex"),

@@ -286,7 +286,7 @@ def generate(args, device, amp, rank, world):
     if objective == "ddpm" and (args.steps or 0) > H.DDPM_STEPS:
         raise SystemExit(f"error: --steps {args.steps}: DDPM samples at most its "
                          f"{H.DDPM_STEPS} steps")
-    steps = args.steps or (250 if objective == "ddpm" else 50)
+    steps = args.steps or H.SAMPLING_STEPS[objective]
     method = args.sampler or "heun"                  # the flow's ODE integrator
     sampler = "ancestral, learned variance (DDPM)" if objective == "ddpm" else method
     interval = tuple(args.interval or (0.0, 1.0))
