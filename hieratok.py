@@ -811,8 +811,10 @@ def ddpm_schedule(steps=DDPM_STEPS, device="cpu"):
     respaced (0 and 999 included), which keep their cumulative alphas: the respaced betas follow
     from them, 1 - abar_k / abar_(the kept step before). -> (Schedule on `device`, the kept steps'
     numbers)."""
+    if not 2 <= steps <= DDPM_STEPS:                  # one step would keep step 0 alone: no noise
+        raise ValueError(f"DDPM samples with 2 to {DDPM_STEPS} steps, not {steps}")
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, DDPM_STEPS, dtype=torch.float64), 0)
-    kept = [round(i * (DDPM_STEPS - 1) / max(steps - 1, 1)) for i in range(steps)]
+    kept = [round(i * (DDPM_STEPS - 1) / (steps - 1)) for i in range(steps)]
     abar = abar[kept]
     prev = torch.cat([abar.new_ones(1), abar[:-1]])
     betas = 1 - abar / prev

@@ -283,10 +283,9 @@ def generate(args, device, amp, rank, world):
     if objective == "ddpm" and (args.sampler or args.interval):
         raise SystemExit("error: --sampler and --interval are the flow sampler's; this DiT learned "
                          "DDPM and samples with ancestral steps (--steps, 250 by default)")
-    if objective == "ddpm" and (args.steps or 0) > H.DDPM_STEPS:
-        raise SystemExit(f"error: --steps {args.steps}: DDPM samples at most its "
-                         f"{H.DDPM_STEPS} steps")
     steps = args.steps or H.SAMPLING_STEPS[objective]
+    if objective == "ddpm" and not 2 <= steps <= H.DDPM_STEPS:
+        raise SystemExit(f"error: --steps {steps}: DDPM samples with 2 to {H.DDPM_STEPS} steps")
     method = args.sampler or "heun"                  # the flow's ODE integrator
     sampler = "ancestral, learned variance (DDPM)" if objective == "ddpm" else method
     interval = tuple(args.interval or (0.0, 1.0))

@@ -764,6 +764,10 @@ def test_ddpm_schedule():
                                rtol=1e-9)
     var = r.betas.numpy() * (1 - np.concatenate([[1.0], abar[:-1]])) / (1 - abar)
     np.testing.assert_allclose(r.posterior_logvar.numpy(), np.log([var[1], *var[1:]]), rtol=1e-9)
+    assert H.ddpm_schedule(2)[1] == [0, 999]
+    for steps in (0, 1, 1001):           # one step would keep step 0 alone, and sample no noise
+        with pytest.raises(ValueError, match="2 to 1000 steps"):
+            H.ddpm_schedule(steps)
 
 
 def test_ddpm_forward_process():
@@ -1520,6 +1524,9 @@ def test_sample_errors(tok_run, dit_run, tmp_path):
     with pytest.raises(SystemExit, match="--sampler and --interval are the flow sampler's"):
         S.main(["--mode", "generate", "--ckpt", str(dit_run), "--sampler", "euler", "--out",
                 str(tmp_path / "o")])                          # a DDPM DiT: in-process, quick
+    with pytest.raises(SystemExit, match="--steps 1: DDPM samples with 2 to 1000 steps"):
+        S.main(["--mode", "generate", "--ckpt", str(dit_run), "--steps", "1", "--out",
+                str(tmp_path / "o")])
     blocker = tmp_path / "file"
     blocker.write_text("x")
     res = run("sample.py", "--mode", "recon", "--ckpt", tok_run, "--out", blocker / "sub",
