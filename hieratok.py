@@ -391,6 +391,7 @@ class Output(NamedTuple):
     recons: list                     # one image (B, 3, s*p, s*p) per scale, coarse to fine
     mean: torch.Tensor               # posterior mean (B, d, S, S)
     logvar: torch.Tensor             # posterior log-variance (B, d, S, S)
+    z: torch.Tensor                  # the latent decoded (B, d, S, S): a sample, or the mean
     head_input: torch.Tensor         # the finest head's input (B, S*S, D), for the GAN's weight
 
 
@@ -454,10 +455,10 @@ class HieraTok(nn.Module):
         return self.decoder(self.tokens(z, upto))[0]
 
     def forward(self, x, sample=True):
-        """Images (B, 3, H, W) -> Output(recons, mean, logvar, head_input)."""
+        """Images (B, 3, H, W) -> Output(recons, mean, logvar, z, head_input)."""
         mean, logvar, z = self.encode(x, sample)
         recons, head_input = self.decoder(self.tokens(z))
-        return Output(recons, mean, logvar, head_input)
+        return Output(recons, mean, logvar, z, head_input)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,6 +514,12 @@ class Discriminator(nn.Module):
         return self.net(x)
 
 
+def gan_ramp(step, start, length):
+    """The adversarial term's factor at `step`: 0 before `start` (LDM's gate, which also holds
+    the discriminator back), then a linear ramp over `length` steps to 1 (ours; LDM jumps to 1)."""
+    return 0.0 if step < start else min(1.0, (step - start + 1) / max(1, length))
+
+
 def hinge_d_loss(logits_real, logits_fake):
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
@@ -520,7 +527,7 @@ def hinge_d_loss(logits_real, logits_fake):
 def adaptive_weight(g_rec, g_other, max_weight):
     """VQGAN's balance from two gradients at one last layer: ||grad rec|| / ||grad other||, so the
     adversarial (or VF) term neither swamps nor vanishes next to the reconstruction term; clamped
-    at max_weight (VQGAN's GAN weight 1e4, VA-VAE's VF weight 1e8)."""
+    at max_weight (see generator_loss for the caps in our units)."""
     return (g_rec.norm() / (g_other.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
@@ -536,19 +543,25 @@ def head_weight_grad(loss, image, head_input, patch):
 
 
 class VFLoss(nn.Module):
-    """VA-VAE's vision-foundation alignment (the scaled-up recipe). The latent z is projected to the
-    feature width by a learnable 1x1 layer and aligned with a frozen network's patch features:
+    """VA-VAE's vision-foundation alignment (the scaled-up recipe), as its code has it. The sampled
+    latent z is projected to the feature width by a learnable 1x1 layer without bias and aligned
+    with a frozen network's patch features:
       - margin cosine similarity, per position: relu(1 - m1 - cos(z'_i, f_i))
       - margin distance-matrix similarity, across positions:
         relu(|cos(z'_i, z'_j) - cos(f_i, f_j)| - m2)
     `features` is any frozen module mapping images (B, 3, H, W) in [-1, 1] to (B, N, C) patch
-    features; they are resized to the latent grid (train.py loads DINOv2, VA-VAE's choice)."""
+    features (runtime.DINOv2Features: VA-VAE's DINOv2 ViT-L/14); resized to the latent grid where
+    their grid differs (VA-VAE's code takes them as they come, at 256 px the same 16 x 16)."""
 
     def __init__(self, features, feat_dim, latent_dim, m_cos=0.5, m_dist=0.25):
         super().__init__()
         self.features = features.eval().requires_grad_(False)
-        self.proj = nn.Linear(latent_dim, feat_dim)
+        self.proj = nn.Linear(latent_dim, feat_dim, bias=False)
         self.m_cos, self.m_dist = m_cos, m_dist
+
+    def no_weight_decay(self):
+        """The projection is not decayed: VA-VAE trains it with Adam, without weight decay."""
+        return {"proj.weight"}
 
     def train(self, mode=True):                              # the feature net stays in eval mode
         super().train(mode)
@@ -587,16 +600,17 @@ def generator_loss(cfg, x, out, lpips=None, vf=None, vf_weight=0.0, vf_layer=Non
     image's 3·H·W values and the KL over its latent elements. Here every reconstruction term is a
     per-pixel mean and the per-image KL is divided by 3·H·W: for one scale, LDM's objective over
     3·H·W, a loss scale that suits Adam and clipping. Both adaptive weights balance their term
-    against the reconstruction alone, without the KL, as LDM (GAN) and VA-VAE (VF) do."""
+    against the reconstruction alone, without the KL, as LDM (GAN) and VA-VAE (VF) do; their
+    caps, LDM's 1e4 and VA-VAE's 1e8 on the summed loss, are divided by 3·H·W here."""
     rec, terms = reconstruction_loss(cfg, x, out.recons, lpips)
     kl = kl_divergence(out.mean.float(), out.logvar.float())           # per image, summed
     H, W = x.shape[-2:]
     loss = rec + cfg.kl_weight * kl / (3 * H * W)                       # LDM's units
     terms["kl"] = kl.detach()
     if vf is not None:
-        vf_loss = vf(out.mean, x)
+        vf_loss = vf(out.z, x)
         grads = [torch.autograd.grad(t, vf_layer, retain_graph=True)[0] for t in (rec, vf_loss)]
-        w = adaptive_weight(*grads, max_weight=1e8) * vf_weight
+        w = adaptive_weight(*grads, max_weight=1e8 / (3 * H * W)) * vf_weight
         loss = loss + w * vf_loss
         terms.update(vf_loss=vf_loss.detach(), vf_w=w)
     if disc is not None:
@@ -605,7 +619,7 @@ def generator_loss(cfg, x, out, lpips=None, vf=None, vf_weight=0.0, vf_layer=Non
         disc.requires_grad_(True)
         grads = [head_weight_grad(t, out.recons[-1], out.head_input, cfg.patch_size)
                  for t in (rec, g_loss)]
-        w = adaptive_weight(*grads, max_weight=1e4) * gan_weight
+        w = adaptive_weight(*grads, max_weight=1e4 / (3 * H * W)) * gan_weight
         loss = loss + w * g_loss
         terms.update(g_loss=g_loss.detach(), gan_w=w)
     return loss, terms
@@ -814,7 +828,10 @@ def ddpm_schedule(steps=DDPM_STEPS, device="cpu"):
     if not 2 <= steps <= DDPM_STEPS:                  # one step would keep step 0 alone: no noise
         raise ValueError(f"DDPM samples with 2 to {DDPM_STEPS} steps, not {steps}")
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, DDPM_STEPS, dtype=torch.float64), 0)
-    kept = [round(i * (DDPM_STEPS - 1) / (steps - 1)) for i in range(steps)]
+    kept, at_step = [], 0.0          # DiT's rule: the stride summed in floating point, then
+    for _ in range(steps):           # rounded (21 steps keep 499 where i * 999 / 20 gives 500)
+        kept.append(round(at_step))
+        at_step += (DDPM_STEPS - 1) / (steps - 1)
     abar = abar[kept]
     prev = torch.cat([abar.new_ones(1), abar[:-1]])
     betas = 1 - abar / prev
@@ -1001,6 +1018,16 @@ def dit_config(name, tok_cfg, **overrides):
     """A DiT preset sized for the latent of the tokenizer config `tok_cfg`."""
     return DiTConfig(**preset(DIT_PRESETS, name, input_size=tok_cfg.grid,
                               in_channels=tok_cfg.latent_dim, **overrides))
+
+
+def lr_at(step, steps, peak, warmup, end):
+    """The tokenizer's learning rate at `step` of `steps` (Appendix E): a linear warm-up over a
+    `warmup` fraction of the steps (the generator's 3%, the discriminator's 1%), then a cosine from
+    `peak` to `end`. (The DiT's rate is constant, as DiT's.)"""
+    w = max(1, round(warmup * steps))
+    if step < w:
+        return peak * (step + 1) / w
+    return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
 
 
 def param_groups(modules, weight_decay):

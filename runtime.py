@@ -113,6 +113,13 @@ def setup(device=None, precision="bf16", timeout=10.0):
     return ddp, rank, world, device, amp
 
 
+def precision_name(amp, device):
+    """What a run under `amp` computes in, as checkpoints and metrics files record it."""
+    with amp:
+        bf16 = torch.is_autocast_enabled(device.type)
+    return "bf16 autocast" if bf16 else "fp32, TF32 matmuls" if device.type == "cuda" else "fp32"
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Checkpoints: one dict per file (train.py writes it), one load, one model builder
 
@@ -309,28 +316,35 @@ def build_lpips(net="vgg", weights=None):
 
 
 class DINOv2Features(torch.nn.Module):
-    """The VF loss's frozen features: DINOv2 ViT-B/14 from a local torch-hub checkout and weight
-    file (no download): images in [-1, 1] -> ImageNet normalisation at 224 px -> (B, 256, 768)."""
-    dim = 768
+    """The VF loss's frozen features as VA-VAE takes them: DINOv2 (`size`, VA-VAE's ViT-L/14 by
+    default) from a local torch-hub checkout and weight file (no download); the image in [-1, 1]
+    resized to 224 px (bilinear) and fed without ImageNet normalisation, as VA-VAE's code feeds it
+    -> (B, 256, C) patch tokens after the final norm."""
+    DIMS = {"vits14": 384, "vitb14": 768, "vitl14": 1024, "vitg14": 1536}
 
-    def __init__(self, weights, repo=None):
+    def __init__(self, weights, repo=None, size="vitl14"):
         super().__init__()
         repo = repo or os.path.join(torch.hub.get_dir(), "facebookresearch_dinov2_main")
         if not os.path.isfile(weights or ""):
             raise FileNotFoundError(f"VF loss: no DINOv2 weight file at {weights!r}; pass "
-                                    f"--vf_weights /path/to/dinov2_vitb14_pretrain.pth (and "
+                                    f"--vf_weights /path/to/dinov2_{size}_pretrain.pth (and "
                                     f"--vf_repo, a local DINOv2 checkout)")
         if not os.path.isdir(repo):
             raise FileNotFoundError(f"VF loss: no DINOv2 code at {repo}; pass --vf_repo")
-        self.net = torch.hub.load(repo, "dinov2_vitb14", source="local", pretrained=False)
-        self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        for name, v in (("mean", [0.485, 0.456, 0.406]), ("std", [0.229, 0.224, 0.225])):
-            self.register_buffer(name, torch.tensor(v).view(1, 3, 1, 1), persistent=False)
+        self.dim = self.DIMS[size]
+        try:
+            self.net = torch.hub.load(repo, f"dinov2_{size}", source="local", pretrained=False)
+        except RuntimeError as e:                        # not a DINOv2 checkout, or no such size
+            raise ValueError(f"--vf_repo {repo}: {e}") from e
+        try:
+            self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except RuntimeError as e:
+            raise ValueError(f"{weights} is not DINOv2 {size}'s weight file (pass the --vf_model "
+                             f"it is): {str(e).splitlines()[0][:200]}") from e
 
     def forward(self, x):
-        x = F.interpolate((x + 1) / 2, (224, 224), mode="bicubic",
-                          align_corners=False)
-        return self.net.forward_features((x - self.mean) / self.std)["x_norm_patchtokens"]
+        x = F.interpolate(x, (224, 224), mode="bilinear", align_corners=False)
+        return self.net.forward_features(x)["x_norm_patchtokens"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -276,6 +276,27 @@ def reconstruct(args, device, amp):
     print(f"wrote {args.out}/{written}")
 
 
+LABELS = {"random": "uniform at random as DiT's, each drawn from its sample's seed",
+          "balanced": "cycled: sample i gets class i mod N"}
+
+
+def labels(classes, seeds, idx, how):
+    """The class of each sample: drawn uniformly from `classes` by a generator of the sample's own
+    seed (numpy's, apart from its noise's torch generator), or cycled by its index (balanced)."""
+    if how == "balanced":
+        return [classes[i % len(classes)] for i in idx]
+    return [classes[np.random.default_rng(s).integers(len(classes))] for s in seeds]
+
+
+def training_protocol(ck):
+    """What decided a DiT checkpoint's weights besides its config: its training's departures from
+    DiT's recipe, or their absence (a checkpoint older than a record says so)."""
+    a = ck["args"]
+    return {"step": ck["step"], "precision": ck.get("precision", "not recorded"),
+            "clip": a.get("clip") or "off", "ema": a.get("ema"),
+            "ema_warmup": a.get("ema_warmup", "(1 + step) / (10 + step), the only EMA then")}
+
+
 @torch.no_grad()
 def generate(args, device, amp, rank, world):
     dit, ck, proto = load(args.ckpt, ("dit",), device)
@@ -293,18 +314,19 @@ def generate(args, device, amp, rank, world):
     fid = FID(device) if args.fid_ref and rank == 0 else None          # fail early if missing
     nc = dit.cfg.num_classes
     classes = args.classes or list(range(nc))
-    if max(classes) >= nc:
-        raise SystemExit(f"error: class {max(classes)} out of range; the DiT knows {nc} classes")
+    if max(classes) >= nc or min(classes) < 0:
+        raise SystemExit(f"error: class {max(classes) if max(classes) >= nc else min(classes)} out "
+                         f"of range; the DiT knows classes 0 to {nc - 1}")
     # whole batches go to ranks (batch b -> rank b % world), so every sample is made in the same
     # batch for any number of processes: the same matmul shapes, hence bit-identical images
     n = args.num_samples
     mine = [np.arange(k, min(k + args.batch, n)) for k in range(0, n, args.batch)][rank::world]
     images, scales_view = [], None
     for b, idx in enumerate(tqdm(mine, desc="generate", disable=rank != 0)):
-        y = torch.tensor([classes[i % len(classes)] for i in idx], device=device)
+        seeds = [args.seed * 1_000_003 + int(i) for i in idx]
+        y = torch.tensor(labels(classes, seeds, idx, args.labels), device=device)
         with amp:
-            z = H.sample_latents(dit, y, [args.seed * 1_000_003 + int(i) for i in idx], steps,
-                                 method, args.cfg_scale, interval)
+            z = H.sample_latents(dit, y, seeds, steps, method, args.cfg_scale, interval)
             outs = tok.decode(z)
         images.append(R.to_uint8(outs[-1]))
         if b == 0 and rank == 0:         # column k: what decoding only the first k scales gives
@@ -330,8 +352,11 @@ def generate(args, device, amp, rank, world):
     R.save_grid([square[c::side] for c in range(side)], os.path.join(args.out, "samples.png"))
     R.save_grid(scales_view, os.path.join(args.out, "samples_scales.png"))
     print(f"wrote {args.out}/samples.npz {part.shape} uint8, samples.png, samples_scales.png")
-    metrics = {"protocol": {**proto, "tokenizer": tok_proto, "samples": n, "classes": "cycled: "
-                            + (",".join(map(str, args.classes)) if args.classes else "all"),
+    metrics = {"protocol": {**proto, "tokenizer": tok_proto, "samples": n,
+                            "labels": f"{args.labels}, {LABELS[args.labels]}",
+                            "classes": args.classes or f"all {nc}",
+                            "precision": R.precision_name(amp, device),
+                            "dit_training": training_protocol(ck),
                             "objective": objective, "sampler": sampler, "steps": steps,
                             "cfg_scale": args.cfg_scale, "guidance": "all latent channels" + (
                                 f", flow times in {list(interval)}" if objective == "flow" else
@@ -426,7 +451,9 @@ def main(argv=None):
     arg("--upto", type=COUNT, help="recon: decode only the first k scales (no npz or rFID then)")
     arg("--tokenizer", help="generate: tokenizer checkpoint (default: the DiT's own)")
     arg("--num_samples", type=COUNT, default=16, help="generate: samples over all processes")
-    arg("--classes", type=int, nargs="+", help="generate: labels, cycled (default: all in turn)")
+    arg("--classes", type=int, nargs="+", help="generate: the labels drawn from (default: all)")
+    arg("--labels", default="random", choices=list(LABELS), help="generate: random, each from its "
+        "sample's seed (DiT's), or balanced (class i mod N)")
     arg("--cfg_scale", type=float, default=1.0, help="generate: CFG scale (1 = none, as gFID)")
     arg("--interval", type=float, nargs=2, help="generate, flow: guidance's t range (default 0 1)")
     arg("--steps", type=COUNT, help="generate: sampling steps (DDPM 250, respaced; flow 50)")
@@ -437,7 +464,8 @@ def main(argv=None):
     arg("--runs", type=COUNT, default=3, help="latent: runs (t-SNE seeds) to average")
     arg("--perplexity", type=POSITIVE, default=30.0, help="latent: t-SNE perplexity")
     arg("--device", choices=["cuda", "cpu"], help="default: cuda when available")
-    arg("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast on CUDA")
+    arg("--precision", default="fp32", choices=["bf16", "fp32"], help="fp32 (TF32 matmuls on "
+        "CUDA), as DiT samples and evaluates; bf16: autocast on CUDA")
     args = p.parse_args(argv)
     if "RANK" in os.environ and args.mode != "generate":
         raise SystemExit("error: only --mode generate runs under torchrun; run recon and latent "

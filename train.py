@@ -81,14 +81,17 @@ arg = p.add_argument_group("GAN stage").add_argument
 arg("--init", help="stage-1 checkpoint (file or run directory) to start from; its config, with "
     "the config flags given here on top")
 arg("--gan_weight", type=NONNEG, default=0.6, help="adversarial weight (x the adaptive weight)")
-arg("--disc_start", type=NATURAL, default=2000, help="steps before the adversarial term reaches G")
+arg("--disc_start", type=NATURAL, default=2000, help="the step from which the discriminator "
+    "trains and its term reaches G (LDM's disc_start)")
 arg("--disc_ramp", type=NATURAL, default=2000, help="steps of the adversarial weight's ramp")
 arg("--disc_lr", type=POSITIVE, default=1e-4, help="discriminator peak rate (1%% warm-up, cosine)")
 arg("--disc_lr_end", type=NONNEG, default=1e-5, help="discriminator final learning rate")
 arg("--freeze_encoder", action="store_true", help="train the decoder side only: z stays fixed")
 arg = p.add_argument_group("VF alignment loss (scaled-up recipe; tokenizer, GAN jobs)").add_argument
 arg("--vf_weight", type=NONNEG, default=0.0, help="x its adaptive weight; 0 = off, VA-VAE: 0.1")
-arg("--vf_weights", help="DINOv2 ViT-B/14 weight file (dinov2_vitb14_pretrain.pth)")
+arg("--vf_model", default="vitl14", choices=list(R.DINOv2Features.DIMS),
+    help="DINOv2's size (VA-VAE's: vitl14)")
+arg("--vf_weights", help="DINOv2 weight file (dinov2_<vf_model>_pretrain.pth)")
 arg("--vf_repo", help="local DINOv2 code checkout (default: the torch hub cache)")
 arg("--vf_margin_cos", type=NONNEG, default=0.5, help="per-position cosine margin")
 arg("--vf_margin_dist", type=NONNEG, default=0.25, help="distance-matrix margin")
@@ -112,8 +115,11 @@ arg("--lr", type=POSITIVE, help="peak learning rate (default: 1e-4; tiny and cpu
 arg("--lr_end", type=NONNEG, default=1e-5, help="final rate of the tokenizer's cosine")
 arg("--warmup", type=FRACTION, default=0.03, help="warm-up, a fraction of the steps (tokenizer)")
 arg("--weight_decay", type=NONNEG, help="AdamW weight decay (default: tokenizer 0.05, DiT 0)")
-arg("--clip", type=NONNEG, default=1.0, help="gradient-norm clip of each optimizer (0 = off)")
+arg("--clip", type=NONNEG, help="gradient-norm clip of each optimizer, 0 = off (default: tokenizer "
+    "1.0, DiT off as in DiT)")
 arg("--ema", type=FRACTION, help="EMA decay, 0 = off (default: DiT 0.9999, tokenizer off)")
+arg("--ema_warmup", action="store_true", help="EMA decay min(ema, (1 + step) / (10 + step)), for "
+    "short runs (default: the decay from the first step, as DiT)")
 arg("--max_bad_steps", type=COUNT, default=5, help="stop after this many non-finite steps in a "
     "row (each one is skipped)")
 arg = p.add_argument_group("system").add_argument
@@ -244,6 +250,11 @@ def check_resume(ck, path):
                  f"{REFUSED[flag][1]}. Pass --{flag} {old}, or a new --out")
         if old != new:
             log(f"--{flag} {old} -> {new} from step {ck['step']} (resuming {path})")
+    proj = ck.get("vf_proj") or {}
+    if args.vf_weight > 0 and (set(proj) != {"weight"} or
+                               len(proj["weight"]) != R.DINOv2Features.DIMS[args.vf_model]):
+        fail(f"{path}'s VF projection does not fit DINOv2 {args.vf_model} and VA-VAE's projection "
+             f"without bias (an earlier version had one); pass its --vf_model, or a new --out")
     if ck.get("steps", steps) != steps:
         log(f"the schedule changes: {path} was planned for {ck['steps']} steps, this run for "
             f"{steps}; the learning rate follows the new length from step {ck['step']}")
@@ -289,6 +300,7 @@ args.lr = args.lr or (1e-3 if preset_name == "tiny" or preset_name.startswith("c
 args.weight_decay = args.weight_decay if args.weight_decay is not None else (
     0.0 if job == "dit" else 0.05)
 args.ema = args.ema if args.ema is not None else (0.9999 if job == "dit" else 0.0)
+args.clip = args.clip if args.clip is not None else (0.0 if job == "dit" else 1.0)
 if ck:
     check_resume(ck, path)
 
@@ -313,7 +325,7 @@ try:
         if args.freeze_encoder:
             model.encoder.requires_grad_(False)
     if args.vf_weight > 0:
-        net = R.DINOv2Features(args.vf_weights, args.vf_repo)
+        net = R.DINOv2Features(args.vf_weights, args.vf_repo, args.vf_model)
         vf = H.VFLoss(net, net.dim, cfg.latent_dim, args.vf_margin_cos, args.vf_margin_dist)
         vf = vf.to(device)
     if job != "dit" and cfg.lpips_weight > 0:
@@ -374,7 +386,7 @@ def latents(x):
 
 # fused AdamW (CUDA and CPU): fast, and it skips its whole update on the device when its found_inf
 # is 1 (the mechanism GradScaler uses): a non-finite step changes nothing and costs no host sync
-opt = torch.optim.AdamW(H.param_groups([raw] + ([vf.proj] if vf else []), args.weight_decay),
+opt = torch.optim.AdamW(H.param_groups([raw] + ([vf] if vf else []), args.weight_decay),
                         lr=args.lr, fused=True,
                         betas=(0.9, 0.999) if job == "dit" else (0.9, 0.95))
 optimizers = [opt]
@@ -383,18 +395,6 @@ if disc is not None:
                               fused=True)
     optimizers.append(opt_d)
 ema = copy.deepcopy(raw).requires_grad_(False) if args.ema > 0 else None
-
-
-def lr_at(step, peak, warmup, end):
-    """Linear warm-up over a `warmup` fraction of the steps, then cosine from peak to end (the
-    tokenizer and the GAN stage's generator 3%, its discriminator 1%: Appendix E); the DiT keeps a
-    constant rate."""
-    if job == "dit":
-        return peak
-    w = max(1, round(warmup * steps))
-    if step < w:
-        return peak * (step + 1) / w
-    return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,9 +477,10 @@ else:                                                    # or a fixed batch
 
 
 def ema_update(finite):
-    """ema += w (model - ema), w warmed up as (1 + step) / (10 + step) and 0 on a skipped step,
-    on the device with no host sync."""
-    w = (1.0 - min(args.ema, (1 + step) / (10 + step))) * finite.float()
+    """ema += w (model - ema), w = 1 - decay (--ema, or its warm-up) and 0 on a skipped step, on
+    the device with no host sync."""
+    decay = min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup else args.ema
+    w = (1.0 - decay) * finite.float()
     delta = torch._foreach_sub([q.detach() for q in raw.parameters()], list(ema.parameters()))
     torch._foreach_mul_(delta, w)
     torch._foreach_add_(list(ema.parameters()), delta)
@@ -544,7 +545,8 @@ def write_checkpoint():
     if master:
         state = {"job": job, "config": R.config_dict(cfg), "step": step, "steps": steps,
                  "model": raw.state_dict(), "opt": opt.state_dict(), "data": list(pos),
-                 "rng": rngs, "args": vars(args), "ema": ema.state_dict() if ema else None}
+                 "rng": rngs, "args": vars(args), "ema": ema.state_dict() if ema else None,
+                 "precision": R.precision_name(amp, device)}
         if disc is not None:
             state.update(disc=disc.state_dict(), opt_d=opt_d.state_dict())
         if vf is not None:
@@ -617,10 +619,11 @@ bar = tqdm(total=steps, initial=step, disable=not master, dynamic_ncols=True, de
 model.train()
 while step < steps:
     # 1. forward and backward on each micro-batch; DDP all-reduces on the last one only
-    for group in opt.param_groups:
-        group["lr"] = lr_at(step, args.lr, args.warmup, args.lr_end)
-    gan_on = job == "gan" and step >= args.disc_start    # warm-up over: the term reaches G
-    ramp = min(1.0, (step - args.disc_start + 1) / max(1, args.disc_ramp))
+    for group in opt.param_groups:                       # the DiT's rate is constant, as DiT's
+        group["lr"] = args.lr if job == "dit" else H.lr_at(step, steps, args.lr, args.warmup,
+                                                           args.lr_end)
+    gan_on = job == "gan" and step >= args.disc_start    # LDM's gate: D trains, its term reaches G
+    stepped = optimizers if gan_on else optimizers[:1]
     logs, fakes = [], []
     for micro in range(accum):
         x, y = next(stream)
@@ -637,30 +640,32 @@ while step < steps:
                     loss, terms = H.generator_loss(
                         cfg, x, out, lpips=lpips, vf=vf, vf_weight=args.vf_weight,
                         vf_layer=raw.encoder.to_moments.weight, disc=disc if gan_on else None,
-                        gan_weight=args.gan_weight * ramp)
-                fakes.append((x, out.recons[-1].detach()))
+                        gan_weight=args.gan_weight * H.gan_ramp(step, args.disc_start,
+                                                                args.disc_ramp))
+                if gan_on:
+                    fakes.append((x, out.recons[-1].detach()))
             terms["loss"] = loss.detach()
             (loss / accum).backward()
         logs.append(terms)
-    # 2. the GAN stage's discriminator on this step's reconstructions (hinge loss)
-    if disc is not None:
+    # 2. the GAN stage's discriminator on this step's reconstructions (hinge loss), once gated in
+    if gan_on:
         for micro, ((x, fake), terms) in enumerate(zip(fakes, logs)):
             with disc_net.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext(), amp:
                 d_loss = H.hinge_d_loss(*disc_net(torch.cat([x, fake])).float().chunk(2))
             (d_loss / accum).backward()
             terms["d_loss"] = d_loss.detach()
         for group in opt_d.param_groups:
-            group["lr"] = lr_at(step, args.disc_lr, 0.01, args.disc_lr_end)
-    # 3. clip each optimizer's parameters; step them all, unless a gradient is not finite
+            group["lr"] = H.lr_at(step, steps, args.disc_lr, 0.01, args.disc_lr_end)
+    # 3. clip each stepped optimizer's parameters; step them, unless a gradient is not finite
     terms = {k: sum(t[k].float() for t in logs) / len(logs) for k in logs[0]}
     for q in vf.proj.parameters() if vf and ddp else []:  # outside DDP: average by hand
         dist.all_reduce(q.grad)
         q.grad /= world
     # gradients are all-reduced, so norms (non-finite whenever a loss was) agree on every rank
     norms = [torch.nn.utils.clip_grad_norm_([q for g in o.param_groups for q in g["params"]],
-                                            args.clip or math.inf) for o in optimizers]
+                                            args.clip or math.inf) for o in stepped]
     finite = torch.isfinite(sum(norms))
-    for o in optimizers:
+    for o in stepped:
         o.found_inf = (~finite).float()                  # 1: fused AdamW skips the whole update
         o.step()
         o.zero_grad(set_to_none=True)
