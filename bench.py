@@ -16,6 +16,8 @@ Parts:
   ratio       multi-scale / single-scale step time of the same preset beside their FLOP ratio
   progressive decoding z up to each scale (HieraTok.decode(z, upto=k)) against the full decode
   data        ImageFolder pipeline (decode + ADM crop) images/s in one process = per loader worker
+  checkpoint  bytes and seconds of a checkpoint write (the GAN stage's; the DiT's with its EMA) to
+              --write_dir: the grace period a preempted run needs (paper presets: 11 GB of memory)
   profile     torch.profiler table of the tokenizer step's costliest kernels
 """
 
@@ -54,6 +56,8 @@ p.add_argument("--iters", type=int, default=None, help="timed steps (default 30 
 p.add_argument("--parts", nargs="+", default=["tokenizer", "lpips", "gan", "dit", "ratio", "data",
                                                "progressive"])
 p.add_argument("--out", default=None, help="append the results as JSON lines to this file")
+p.add_argument("--write_dir", default=None, help="checkpoint part: where to write (default: the "
+               "temp dir; give the file system the runs write to)")
 R.add_config_flags(p, H.HieraTokConfig,
                    REDUCED if named == "reduced" else H.TOKENIZER_PRESETS.get(named, {}))
 args = p.parse_args()
@@ -274,8 +278,48 @@ def bench_data():
         report("data: decode + ADM crop, 1 worker", sec, n=len(ds))
 
 
+def stepped_adamw(model):
+    """AdamW over `model` after one step of zero gradients: its state as a run's checkpoint has."""
+    opt = adamw(model)
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
+
+
+def bench_checkpoint():
+    """Bytes and seconds of R.save_checkpoint (one file, fsync, rename) for what train.py writes:
+    the GAN stage's tokenizer with AdamW and its discriminator with AdamW, and the DiT with AdamW
+    and its EMA, both from CPU memory (a GPU run adds the device-to-host copy)."""
+    def gan_state():
+        model, disc = H.HieraTok(tok_cfg()), H.Discriminator()
+        return dict(model=model.state_dict(), opt=stepped_adamw(model).state_dict(),
+                    disc=disc.state_dict(), opt_d=stepped_adamw(disc).state_dict())
+
+    def dit_state():
+        model = H.DiT(dit_cfg("ddpm"))
+        return dict(model=model.state_dict(), opt=stepped_adamw(model).state_dict(),
+                    ema={k: v.clone() for k, v in model.state_dict().items()})  # its own copy
+    for name, build in ((f"checkpoint: GAN stage ({args.preset})", gan_state),
+                        (f"checkpoint: DiT {dit_cfg('ddpm').depth} x {dit_cfg('ddpm').dim}",
+                         dit_state)):
+        state = build()
+        with tempfile.TemporaryDirectory(dir=args.write_dir) as d:
+            path = os.path.join(d, "ckpt.pt")
+            t = time.perf_counter()
+            R.save_checkpoint(state, path)
+            sec, size = time.perf_counter() - t, os.path.getsize(path)
+        del state
+        results.append({"part": name, "bytes": size, "seconds": sec, "dir": args.write_dir
+                        or tempfile.gettempdir()})
+        print(f"{name:<28} {size / 2 ** 30:7.2f} GiB in {sec:6.1f} s ({size / 2 ** 20 / sec:.0f} "
+              f"MiB/s, {args.write_dir or tempfile.gettempdir()})", flush=True)
+
+
 PARTS = {"tokenizer": lambda: bench_tokenizer(False), "lpips": lambda: bench_tokenizer(True),
          "gan": bench_gan, "dit": bench_dit, "ratio": bench_ratio, "data": bench_data,
+         "checkpoint": bench_checkpoint,
          "progressive": bench_progressive,
          "profile": lambda: profile(tokenizer_step(tok_cfg(lpips_weight=0.0)))}
 for part in args.parts:

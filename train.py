@@ -15,7 +15,8 @@ checks, models, data, optimizers, resume, the loop's helpers, then the loop, top
 
 Every field of HieraTokConfig and DiTConfig is a flag (--help lists them with the preset's
 values). Rerunning a command resumes, exactly, from the newest readable checkpoint in its --out;
-every flag changed since is refused (where it would break exactness) or said, old -> new. Each
+every flag changed since is refused (where it would break exactness) or said, old -> new. SIGTERM
+or SIGUSR1 (a cluster's preemption) checkpoints the step reached and exits with 75. Each
 checkpoint also writes a picture of what the model has learned: a fixed batch reconstructed at
 every scale (recon_<step>.png), or DiT samples from fixed seeds (samples_<step>.png).
 """
@@ -28,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -495,12 +497,14 @@ def accumulate(sums, terms, finite):
 
 
 def write_log(sums, interval, seconds):
-    """The interval's means over ranks and finite steps, printed and appended to log.jsonl: the
-    loop's one host sync."""
-    totals = torch.stack(list(sums.values()))            # (terms, 2): sum, finite steps
+    """The interval's means over ranks and finite steps, printed and appended to log.jsonl; and
+    whether a signal asked any rank to stop, which rides on the same all-reduce. -> stop."""
+    asked_here = torch.tensor([float(bool(asked)), 0.0], dtype=torch.float64, device=device)
+    totals = torch.stack([*sums.values(), asked_here])   # (terms + 1, 2): sum, finite steps
     if ddp:
         dist.all_reduce(totals)
-    totals = dict(zip(sums, totals.tolist()))
+    *totals, (stop, _) = totals.tolist()
+    totals = dict(zip(sums, totals))
     rec = {k: s / n for k, (s, n) in totals.items() if n > 0}
     rec.update(step=step, lr=opt.param_groups[0]["lr"],
                img_per_s=interval * args.global_batch / seconds)
@@ -519,6 +523,7 @@ def write_log(sums, interval, seconds):
                 f.write(json.dumps(rec) + "\n")
     except OSError as e:
         log(f"warning: cannot append to {log_file} ({e.strerror}); training goes on")
+    return stop > 0
 
 
 def diverged():
@@ -609,9 +614,30 @@ peak = H.peak_flops(device)
 stream = batches(pos)
 # non-finite steps in a row, the longest such run, and this run's finite steps (device scalars)
 bad_run = worst = good_steps = torch.zeros((), device=device)
-start = step
+start, stop = step, False
 sums, interval, t0 = {}, 0, time.time()          # per term: [sum, finite steps] since the last log
 bar = tqdm(total=steps, initial=step, disable=not master, dynamic_ncols=True, desc=job)
+
+# Preemption: SIGTERM (SLURM, Kubernetes, torchrun's agent, which forwards it) or SIGUSR1 (SLURM's
+# --signal) asks the run to stop. It is learned at the end of a step (with DDP at the next log
+# step, on the log's all-reduce, so every rank stops at the same step): that step is checkpointed
+# and every rank exits with STOPPED. A second signal ends the run at once; the atomic write leaves
+# the previous checkpoint intact. The same signal within a second is one request: a signal sent to
+# a process group reaches a worker both directly and through torchrun.
+STOPPED = 75                             # sysexits' EX_TEMPFAIL: run the same command again
+asked = []                               # [signal name, time] of the request
+
+
+def on_signal(signum, frame):
+    if not asked:
+        asked.extend([signal.Signals(signum).name, time.time()])
+    elif time.time() - asked[1] > 1.0:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+for sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(sig, on_signal)
 
 # ----------------------------------------------------------------------------------------------
 # the loop
@@ -676,10 +702,13 @@ while step < steps:
     accumulate(sums, {**terms, "grad_norm": norms[0]}, finite)
     step, interval = step + 1, interval + 1
     bar.update(1)
-    # 4. log: a mean over ranks and the interval's finite steps; stop a run that diverged
-    at_ckpt = step % args.ckpt_every == 0 or step == steps or step == args.stop_at
+    # 4. log: a mean over ranks and the interval's finite steps, and a stop a signal asked for;
+    #    stop a run that diverged
+    stop = bool(asked) and not ddp and step < steps           # one process: at once
+    at_ckpt = stop or step % args.ckpt_every == 0 or step == steps or step == args.stop_at
     if step % args.log_every == 0 or at_ckpt:
-        write_log(sums, interval, time.time() - t0)
+        stop = write_log(sums, interval, time.time() - t0) and step < steps
+        at_ckpt = at_ckpt or stop
         if worst.item() >= args.max_bad_steps:
             fail(diverged())
         sums, interval, t0 = {}, 0, time.time()
@@ -689,6 +718,13 @@ while step < steps:
         log(f"no checkpoint at step {step}: the last {int(bad_run.item())} steps were non-finite")
     elif at_ckpt:
         write_checkpoint()
+    if stop:
+        found = R.checkpoints(out_dir)
+        tqdm.write(f"{f'rank {rank}: ' if ddp else ''}stopped at step {step} by "
+                   f"{asked[0] if asked else 'a signal to another rank'}: rerun the same command "
+                   f"to resume from {found.get(step) or found[max(found)] if found else 'the start'}"
+                   f" (exit code {STOPPED})")
+        break
     if step == args.stop_at:
         log(f"stopping at step {step} (--stop_at); rerun the same command to continue")
         break
@@ -696,3 +732,5 @@ bar.close()
 if ddp:                          # no rank tears its connections down while another still reads
     dist.barrier()
     dist.destroy_process_group()
+if stop:
+    raise SystemExit(STOPPED)
