@@ -229,7 +229,7 @@ def bench_ratio():
 @torch.no_grad()
 def bench_progressive():
     """Decoding z (latent projection, downsampler, decoder, heads) up to each scale: time and FLOPs
-    of every prefix beside the full decode, which it matches exactly (tested)."""
+    of every prefix beside the full decode, whose images it gives to float rounding (tested)."""
     cfg = tok_cfg(lpips_weight=0.0)
     model = H.HieraTok(cfg).to(device).eval()
     z = torch.randn(batch, cfg.latent_dim, cfg.grid, cfg.grid, device=device)

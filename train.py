@@ -14,10 +14,10 @@ checks, models, data, optimizers, resume, the loop's helpers, then the loop, top
       --epochs 100 --compile                                             # paper stage 1 (README)
 
 Every field of HieraTokConfig and DiTConfig is a flag (--help lists them with the preset's
-values). Rerunning a command resumes, exactly, from the newest readable checkpoint in its --out;
-every flag changed since is refused (where it would break exactness) or said, old -> new. SIGTERM
-or SIGUSR1 (a cluster's preemption) checkpoints the step reached and exits with 75. Each
-checkpoint also writes a picture of what the model has learned: a fixed batch reconstructed at
+values). Rerunning a command resumes from the newest readable checkpoint in its --out (bit for bit
+on a CPU, tested); every flag changed since is refused (where it would break exactness) or said,
+old -> new. SIGTERM or SIGUSR1 (a cluster's preemption) checkpoints the step reached and exits
+with 75. Each checkpoint also writes a picture of what the model has learned: a fixed batch reconstructed at
 every scale (recon_<step>.png), or DiT samples from fixed seeds (samples_<step>.png).
 """
 
