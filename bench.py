@@ -38,36 +38,34 @@ REDUCED = dict(enc_dim=192, enc_heads=3, dec_dim=256, dec_heads=4, drop_path=0.0
 pre = argparse.ArgumentParser(add_help=False)
 pre.add_argument("--preset", default="reduced")
 named = pre.parse_known_args()[0].preset
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-p.add_argument("--preset", default="reduced", help="tokenizer preset, or 'reduced': the paper's "
-               "geometry (256 px, patch 16, 6 + 24 blocks, 341 tokens) at widths 192 / 256, small "
-               "enough for a CPU")
-p.add_argument("--dit_preset", default=None, help="DiT preset (default XL for paper presets, "
-               "tiny otherwise)")
-p.add_argument("--batch", type=int, default=None, help="images per step (default 32 on CUDA, 4 "
-               "on CPU)")
-p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast on "
-               "CUDA; CPU runs fp32")
-p.add_argument("--compile", action="store_true", help="torch.compile the models")
-p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on CUDA, 2 on "
-               "CPU; more with compile)")
-p.add_argument("--iters", type=int, default=None, help="timed steps (default 30 on CUDA, 5 on CPU)")
-p.add_argument("--parts", nargs="+", default=["tokenizer", "lpips", "gan", "dit", "ratio", "data",
-                                               "progressive"])
-p.add_argument("--out", default=None, help="append the results as JSON lines to this file")
-p.add_argument("--write_dir", default=None, help="checkpoint part: where to write (default: the "
-               "temp dir; give the file system the runs write to)")
-R.add_config_flags(p, H.HieraTokConfig,
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+arg = parser.add_argument
+arg("--preset", default="reduced", help="tokenizer preset, or 'reduced': the paper's geometry (256 "
+    "px, patch 16, 6 + 24 blocks, 341 tokens) at widths 192 / 256, small enough for a CPU")
+arg("--dit_preset", default=None, help="DiT preset (default XL for paper presets, tiny otherwise)")
+arg("--batch", type=int, default=None, help="images per step (default 32 on CUDA, 4 on CPU)")
+arg("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast on CUDA; CPU "
+    "runs fp32")
+arg("--compile", action="store_true", help="torch.compile the models")
+arg("--warmup", type=int, default=None, help="untimed steps (default 5 on CUDA, 2 on CPU; more "
+    "with compile)")
+arg("--iters", type=int, default=None, help="timed steps (default 30 on CUDA, 5 on CPU)")
+arg("--parts", nargs="+", default=["tokenizer", "lpips", "gan", "dit", "ratio", "data",
+                                   "progressive"])
+arg("--out", default=None, help="append the results as JSON lines to this file")
+arg("--write_dir", default=None, help="checkpoint part: where to write (default: the temp dir; "
+    "give the file system the runs write to)")
+R.add_config_flags(parser, H.HieraTokConfig,
                    REDUCED if named == "reduced" else H.TOKENIZER_PRESETS.get(named, {}))
-args = p.parse_args()
+args = parser.parse_args()
 
 _, _, _, device, amp = R.setup(precision=args.precision)
 cuda = device.type == "cuda"
 batch = args.batch or (32 if cuda else 4)
 warmup = args.warmup or ((10 if args.compile else 5) if cuda else 2)
 iters = args.iters or (30 if cuda else 5)
-peak = H.peak_flops(device)
+peak_flops = R.peak_flops(device)
 GROUP = 5                                     # steps per timed group on CUDA (see timed)
 results = []
 
@@ -114,8 +112,8 @@ def report(name, sec, flops_per_image=None, n=None):
            "step_ms": sec * 1e3, "img_per_s": n / sec}
     if flops_per_image:
         row["tflops"] = flops_per_image * n / sec / 1e12
-        if peak:
-            row["mfu"] = row["tflops"] * 1e12 / peak
+        if peak_flops:
+            row["mfu"] = row["tflops"] * 1e12 / peak_flops
     if cuda:
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         torch.cuda.reset_peak_memory_stats()
@@ -188,7 +186,7 @@ def dit_step(objective):
 
     def step():
         with amp:
-            loss = H.dit_loss(fwd, z, y)
+            loss = H.dit_loss(fwd, cfg, z, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

