@@ -165,7 +165,8 @@ def init_vit(module):
 
 # ----------------------------------------------------------------------------------------------
 # 3. Configuration: one dataclass per model (the DiT's is in section 9); presets (section 11) are
-#    dicts of overrides; every field is also a train.py flag, its help given with the field
+#    dicts of overrides; every field is a train.py flag (bar the DiT's latent shape, which its
+#    tokenizer gives), its help given with the field
 
 
 def flag(default, help):
@@ -369,7 +370,7 @@ class Decoder(nn.Module):
 
     def forward(self, tokens):
         """-> (images, head_input): images (B, 3, s*p, s*p) for each scale in the sequence, and
-        the finest head's input (B, s*s, D), the LayerNorm output its linear layer reads."""
+        the last one's head input (B, s*s, D), the LayerNorm output its linear layer reads."""
         L = tokens.shape[1]
         if L not in self.bounds[1:]:
             raise ValueError(f"{L} tokens is not a whole number of scales; prefix lengths are "
@@ -452,7 +453,7 @@ class HieraTok(nn.Module):
         return torch.cat(seq, dim=1)
 
     def decode(self, z, upto=None):
-        """z (B, d, S, S) -> list of images, one per scale, coarse to fine; the last is full size.
+        """z (B, d, S, S) -> list of images, one per scale decoded, coarse to fine.
         With `upto` = k only the first k scales' tokens are built and decoded (progressive
         decoding, see Decoder), at a fraction of the cost."""
         return self.decoder(self.tokens(z, upto))[0]
@@ -469,24 +470,25 @@ class HieraTok(nn.Module):
 
 
 def reconstruction_loss(cfg, x, recons, lpips=None):
-    """HieraTok's supervision of every scale: L1 + 0.4 MSE + LPIPS (per-pixel means) of each
-    scale's image against the input area-downsampled to its size, weighted by cfg.scale_weights
-    -> (rec, terms), terms every term per scale, detached."""
-    terms, rec_total, min_size = {}, 0.0, LPIPS_MIN_SIZE[cfg.lpips_net]
+    """HieraTok's supervision of every scale: l1, mse and lpips_weight (the paper's 1, 0.4, 1)
+    times L1, MSE and LPIPS (per-pixel means) of each scale's image against the input
+    area-downsampled to its size; the scales' terms weighted by cfg.scale_weights and summed ->
+    (rec, terms): rec the weighted sum, terms every term per scale (rec_s<s>), detached."""
+    terms, rec, min_size = {}, 0.0, LPIPS_MIN_SIZE[cfg.lpips_net]
     for s, r, w in zip(cfg.scales, recons, cfg.scale_weights):
-        t = area_pool(x, r.shape[-1])
+        target = area_pool(x, r.shape[-1])
         r = r.float()
-        l1, mse = (r - t).abs().mean(), (r - t).square().mean()
-        rec = cfg.l1_weight * l1 + cfg.mse_weight * mse
+        l1, mse = (r - target).abs().mean(), (r - target).square().mean()
+        scale_term = cfg.l1_weight * l1 + cfg.mse_weight * mse
         terms[f"l1_s{s}"], terms[f"mse_s{s}"] = l1.detach(), mse.detach()
         if lpips is not None and cfg.lpips_weight > 0 and r.shape[-1] >= min_size:
-            lp = lpips(r, t).mean()
-            rec = rec + cfg.lpips_weight * lp
+            lp = lpips(r, target).mean()
+            scale_term = scale_term + cfg.lpips_weight * lp
             terms[f"lpips_s{s}"] = lp.detach()
-        terms[f"rec_s{s}"] = rec.detach()
-        rec_total = rec_total + w * rec
-    terms["rec"] = rec_total.detach()
-    return rec_total, terms
+        terms[f"rec_s{s}"] = scale_term.detach()
+        rec = rec + w * scale_term
+    terms["rec"] = rec.detach()
+    return rec, terms
 
 
 def kl_divergence(mean, logvar):
@@ -518,9 +520,10 @@ class Discriminator(nn.Module):
 
 
 def gan_ramp(step, start, length):
-    """The adversarial term's factor at `step`: 0 before `start` (LDM's gate, which also holds
-    the discriminator back), then a linear ramp over `length` steps to 1 (ours; LDM jumps to 1)."""
-    return 0.0 if step < start else min(1.0, (step - start + 1) / max(1, length))
+    """The adversarial term's factor at `step` from `start` on (train.py gates both the term and
+    the discriminator's training at `start`, as LDM): a linear ramp over `length` steps to 1
+    (ours; LDM jumps to 1)."""
+    return min(1.0, (step - start + 1) / max(1, length))
 
 
 def hinge_d_loss(logits_real, logits_fake):
@@ -803,7 +806,7 @@ class Schedule(NamedTuple):
     """A DDPM's tables over its steps, float64 (T,), as DiT computes them."""
     betas: torch.Tensor
     alphas_cumprod: torch.Tensor
-    posterior_logvar: torch.Tensor       # log var of q(x_{t-1} | x_t, x_0), at t = 0 t = 1's value
+    posterior_logvar: torch.Tensor       # log var of q(x_{t-1} | x_t, x_0); at t = 0, t = 1's
     coef_x0: torch.Tensor                # q(x_{t-1} | x_t, x_0)'s mean: coef_x0 x_0 + coef_xt x_t
     coef_xt: torch.Tensor
 
@@ -940,11 +943,11 @@ def flow_sample(model, y, seeds, steps, method="heun", guidance=1.0, interval=(0
                      y.device)
     ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
     for t, t_next in zip(ts[:-1], ts[1:]):
-        v = guided_velocity(model, x, t, y, guidance, interval)
-        x_next = x + (t_next - t) * v
+        vel = guided_velocity(model, x, t, y, guidance, interval)
+        x_next = x + (t_next - t) * vel
         if method == "heun" and t_next > 0:                  # trapezoidal, except into t = 0
-            v_next = guided_velocity(model, x_next, t_next, y, guidance, interval)
-            x_next = x + (t_next - t) * 0.5 * (v + v_next)
+            vel_next = guided_velocity(model, x_next, t_next, y, guidance, interval)
+            x_next = x + (t_next - t) * 0.5 * (vel + vel_next)
         x = x_next
     return model.denormalize(x.float())
 

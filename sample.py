@@ -9,7 +9,8 @@ sample.py: see and measure what the trained models do. Every metrics file record
             scale (Appendix D's view), samples.npz for gFID, FID against --fid_ref
   latent    the paper's Table 5 by its protocol (VA-VAE's): latent tokens, t-SNE, a Gaussian KDE,
             density CV / Gini / normalised entropy over runs; Figure 5's picture; the per-scale
-            equivariance error |D(D_s z) - D_s(D z)|
+            equivariance error |D(D_s z) - D_s(D z)|: scale s's image against the full
+            image area-pooled to its size
 
   python sample.py --mode recon --ckpt runs/tokenizer-tiny
   python sample.py --mode generate --ckpt runs/dit-tiny --num_samples 16 --guidance 4
@@ -235,8 +236,11 @@ def reconstruct(args, device, amp):
         x = R.to_float(x.to(device))
         with amp:
             z = tok.encode(x, sample=False)[2]
+            sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+            sync()
             t = time.perf_counter()
             outs = tok.decode(z, upto=k)
+            sync()                                  # CUDA runs asynchronously: time the work
             seconds += time.perf_counter() - t
         for s, r in zip(scales, outs):    # metrics on the 8-bit images, in [0, 1], on the device
             rq, tq = R.to_8bit(r) / 255, R.to_8bit(H.area_pool(x, r.shape[-1])) / 255
@@ -395,7 +399,7 @@ def analyse(args, device, amp):
             zf = tok.encode(x.flip(-1), sample=False)[2].float()
             outs = [o.float() for o in tok.decode(z)]
         lat.append(torch.stack([z, zf], 1).cpu().numpy())               # (B, 2, d, S, S)
-        for s, o in zip(tok.cfg.scales[:-1], outs[:-1]):     # D(D_s z) vs D_s(D z), on [0, 1]
+        for s, o in zip(tok.cfg.scales[:-1], outs[:-1]):     # scale s vs the pooled full image
             err[s] += ((o - H.area_pool(outs[-1], o.shape[-1])).abs() / 2).flatten(1).mean(1)\
                 .sum().item()
     lat = np.concatenate(lat)

@@ -2,7 +2,7 @@
 train.py: one training loop for HieraTok's three jobs, in nanoGPT's order: flags, set-up, the run's
 checks, models, data, optimizers, resume, the loop's helpers, then the loop, top to bottom.
 
-  tokenizer   stage 1: L1 + MSE + LPIPS + KL over every scale
+  tokenizer   stage 1: L1 + MSE + LPIPS on every scale, + the KL of the latent
   gan         stage 2: stage 1's losses + a PatchGAN (hinge, adaptive weight), from a stage-1 run
   dit         a DiT on the latents of a tokenizer checkpoint: DDPM (vanilla DiT's), or flow
 
@@ -88,7 +88,8 @@ arg("--disc_start", type=NATURAL, default=2000, help="the step from which the di
 arg("--disc_ramp", type=NATURAL, default=2000, help="steps of the adversarial weight's ramp")
 arg("--disc_lr", type=POSITIVE, default=1e-4, help="discriminator peak rate (1%% warm-up, cosine)")
 arg("--disc_lr_end", type=NONNEG, default=1e-5, help="discriminator final learning rate")
-arg("--freeze_encoder", action="store_true", help="train the decoder side only: z stays fixed")
+arg("--freeze_encoder", action="store_true", help="train the decoder side only: the encoder, so "
+    "the posterior over z, stays fixed")
 arg = parser.add_argument_group("VF alignment loss (scaled-up recipe; tokenizer, GAN)").add_argument
 arg("--vf_weight", type=NONNEG, default=0.0, help="x its adaptive weight; 0 = off, VA-VAE: 0.1")
 arg("--vf_model", default="vitl14", choices=list(R.DINOv2Features.DIMS),
@@ -112,7 +113,8 @@ arg("--steps", type=COUNT, help="optimizer steps (default: from --epochs, else 3
 arg("--epochs", type=POSITIVE, help="epochs of the data set, as steps")
 arg("--global_batch", type=COUNT, default=256, help="images per step over all ranks")
 arg("--batch", type=COUNT, help="images per rank per micro-step (default: global_batch / ranks)")
-arg("--lr", type=POSITIVE, help="peak learning rate (default: 1e-4; tiny and cpu-* presets 1e-3)")
+arg("--lr", type=POSITIVE, help="peak learning rate (default: 1e-4; 1e-3 for the tiny and cpu-* "
+    "presets, tokenizer or DiT)")
 arg("--lr_end", type=NONNEG, default=1e-5, help="final rate of the tokenizer's cosine")
 arg("--warmup", type=FRACTION, default=0.03, help="warm-up, a fraction of the steps (tokenizer)")
 arg("--weight_decay", type=NONNEG, help="AdamW weight decay (default: tokenizer 0.05, DiT 0)")
@@ -180,7 +182,8 @@ if ddp:                     # a rank stopped, hung or died: one line instead of 
 REFUSED = {"global_batch": (lambda v: v, "what a step and the data position count (--batch sets "
                                          "what fits on a device)"),
            "seed": (lambda v: v, "the data order mid-epoch"),
-           "vf_weight": (lambda v: v > 0, "whether the VF loss and its projection train")}
+           "vf_weight": (lambda v: v > 0, "whether the VF loss and its projection train"),
+           "freeze_encoder": (lambda v: v, "which parameters the optimizer holds")}
 UNCOMPARED = {"out", "tokenizer", "steps", "epochs", "stop_at"}
 
 
@@ -246,13 +249,13 @@ def check_resume(ck, path):
     config_flags = {f.name for f in fields(H.HieraTokConfig)} | {
         f"dit_{f.name}" for f in fields(H.DiTConfig)}             # compared above
     now = vars(args)
-    for flag in sorted((set(ck["args"]) & set(now)) - config_flags - UNCOMPARED):
-        old, new = ck["args"][flag], now[flag]
-        if flag in REFUSED and REFUSED[flag][0](old) != REFUSED[flag][0](new):
-            fail(f"{path} was trained with --{flag} {old}: resuming with {new} would change "
-                 f"{REFUSED[flag][1]}. Pass --{flag} {old}, or a new --out")
+    for name in sorted((set(ck["args"]) & set(now)) - config_flags - UNCOMPARED):
+        old, new = ck["args"][name], now[name]
+        if name in REFUSED and REFUSED[name][0](old) != REFUSED[name][0](new):
+            fail(f"{path} was trained with --{name} {old}: resuming with {new} would change "
+                 f"{REFUSED[name][1]}. Pass --{name} {old}, or a new --out")
         if old != new:
-            log(f"--{flag} {old} -> {new} from step {ck['step']} (resuming {path})")
+            log(f"--{name} {old} -> {new} from step {ck['step']} (resuming {path})")
     proj = ck.get("vf_proj") or {}
     if args.vf_weight > 0 and (set(proj) != {"weight"} or
                                len(proj["weight"]) != R.DINOv2Features.DIMS[args.vf_model]):
@@ -269,6 +272,8 @@ if (R.config_overrides(args, H.HieraTokConfig) and job == "dit") or (
         f"dit_{k}": v for k, v in R.config_overrides(args, H.DiTConfig, "dit_").items()}
     fail(f"{' '.join('--' + k for k in typed)}: flags of the other model's config; the DiT job "
          f"takes its tokenizer from --tokenizer, and the tokenizer jobs train no DiT")
+if args.freeze_encoder and job != "gan":
+    fail("--freeze_encoder is the GAN stage's (--job gan): stage 1 trains the encoder")
 if args.vf_weight > 0 and (job == "dit" or args.freeze_encoder):
     fail("the VF loss shapes the encoder's latent: use it in the tokenizer or GAN job, without "
          "--freeze_encoder")
@@ -306,6 +311,9 @@ args.ema = args.ema if args.ema is not None else (0.9999 if job == "dit" else 0.
 args.clip = args.clip if args.clip is not None else (0.0 if job == "dit" else 1.0)
 if ck:
     check_resume(ck, path)
+if job == "gan" and args.disc_start >= steps:
+    log(f"warning: --disc_start {args.disc_start} is not below the run's {steps} steps: the "
+        f"discriminator never trains, and no adversarial term reaches the tokenizer")
 
 # ----------------------------------------------------------------------------------------------
 # models: the preset (or the stage-1 run's config) with the typed flags on top
@@ -504,7 +512,7 @@ def write_log(sums, interval, seconds):
     totals = torch.stack([*sums.values(), asked_here])   # (terms + 1, 2): sum, finite steps
     if ddp:
         dist.all_reduce(totals)
-    *totals, (stop, _) = totals.tolist()
+    *totals, (asked_anywhere, _) = totals.tolist()
     totals = dict(zip(sums, totals))
     record = {k: s / n for k, (s, n) in totals.items() if n > 0}
     record.update(step=step, lr=opt.param_groups[0]["lr"],
@@ -524,7 +532,7 @@ def write_log(sums, interval, seconds):
                 f.write(json.dumps(record) + "\n")
     except OSError as e:
         log(f"warning: cannot append to {log_file} ({e.strerror}); training goes on")
-    return stop > 0
+    return asked_anywhere > 0
 
 
 def diverged():
@@ -674,15 +682,17 @@ while step < steps:
             terms["loss"] = loss.detach()
             (loss / accum).backward()
         micro_terms.append(terms)
-    # 2. the GAN stage's discriminator on this step's reconstructions (hinge loss), once gated in
+    # 2. the GAN stage's discriminator on this step's reconstructions (hinge loss), once gated in;
+    #    its schedule (1% warm-up, cosine) runs over its own steps, from --disc_start
     if gan_on:
+        for group in opt_d.param_groups:
+            group["lr"] = R.lr_at(step - args.disc_start, steps - args.disc_start, args.disc_lr,
+                                  0.01, args.disc_lr_end)
         for micro, (real, fake) in enumerate(fakes):
             with disc_net.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext(), amp:
                 d_loss = H.hinge_d_loss(*disc_net(torch.cat([real, fake])).float().chunk(2))
             (d_loss / accum).backward()
             micro_terms[micro]["d_loss"] = d_loss.detach()
-        for group in opt_d.param_groups:
-            group["lr"] = R.lr_at(step, steps, args.disc_lr, 0.01, args.disc_lr_end)
     # 3. clip each stepped optimizer's parameters; step them, unless a gradient is not finite
     step_terms = {k: sum(t[k].float() for t in micro_terms) / accum for k in micro_terms[0]}
     for q in vf.proj.parameters() if vf and ddp else []:  # outside DDP: average by hand
@@ -705,9 +715,8 @@ while step < steps:
     bar.update(1)
     # 4. log: a mean over ranks and the interval's finite steps, and a stop a signal asked for;
     #    stop a run that diverged
-    stop = bool(asked) and not ddp and step < steps           # one process: at once
-    at_ckpt = stop or step % args.ckpt_every == 0 or step == steps or step == args.stop_at
-    if step % args.log_every == 0 or at_ckpt:
+    at_ckpt = step % args.ckpt_every == 0 or step == steps or step == args.stop_at
+    if step % args.log_every == 0 or at_ckpt or (asked and not ddp):  # one process: at once
         stop = write_log(sums, interval, time.time() - t0) and step < steps
         at_ckpt = at_ckpt or stop
         if worst.item() >= args.max_bad_steps:
