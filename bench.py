@@ -35,11 +35,12 @@ import hieratok as H
 import runtime as R
 
 REDUCED = dict(enc_dim=192, enc_heads=3, dec_dim=256, dec_heads=4, drop_path=0.0)
-pre = argparse.ArgumentParser(add_help=False)
+pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
 pre.add_argument("--preset", default="reduced")
 named = pre.parse_known_args()[0].preset
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.error = lambda msg: parser.exit(2, f"error: {msg}\n")        # one line, not the usage
 arg = parser.add_argument
 arg("--preset", default="reduced", help="tokenizer preset, or 'reduced': the paper's geometry (256 "
     "px, patch 16, 6 + 24 blocks, 341 tokens) at widths 192 / 256, small enough for a CPU")
@@ -59,6 +60,8 @@ arg("--write_dir", default=None, help="checkpoint part: where to write (default:
 R.add_config_flags(parser, H.HieraTokConfig,
                    REDUCED if named == "reduced" else H.TOKENIZER_PRESETS.get(named, {}))
 args = parser.parse_args()
+if args.write_dir and not os.path.isdir(args.write_dir):
+    parser.error(f"--write_dir {args.write_dir} is not a directory")
 
 _, _, _, device, amp = R.setup(precision=args.precision)
 cuda = device.type == "cuda"

@@ -179,7 +179,8 @@ def out_of_range(v, low, high=math.inf, above=False, integer=False):
     one range rule of config fields (check_ranges) and of runtime.py's numeric flags."""
     if ((v > low) if above else (v >= low)) and v < high:
         return ""
-    bound = f"in [{low}, {high})" if high < math.inf else f"{'>' if above else '>='} {low}"
+    bound = (f"in {'(' if above else '['}{low}, {high})" if high < math.inf
+             else f"{'>' if above else '>='} {low}")
     return ("an integer " if integer else "a finite number " if high == math.inf else "") + bound
 
 

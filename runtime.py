@@ -76,16 +76,13 @@ def within(kind, low, high=math.inf, above=False):
 
 COUNT, NATURAL, FRACTION = within(int, 1), within(int, 0), within(float, 0, 1)  # flag types
 POSITIVE, NONNEG = within(float, 0, above=True), within(float, 0)
-# flags renamed, old spelling -> new: the old one stops the run, naming the new
-RENAMED = {"--lpips_weights": "--lpips_file", "--vf_weights": "--vf_file",
-           "--dit_patch": "--dit_patch_size", "--label_drop": "--dit_class_dropout",
-           "--cfg_scale": "--guidance"}
 
 
-def renamed_flag(argv):
-    """'' for command-line arguments with no renamed flag, else what the first one is now."""
-    old = next((a.split("=")[0] for a in argv if a.split("=")[0] in RENAMED), None)
-    return f"{old} is now {RENAMED[old]}" if old else ""
+def renamed_flag(argv, renamed):
+    """'' for command-line arguments with no flag of `renamed` (old spelling -> new), else what the
+    first one is now: a script stops on it, before argparse could read it as another flag."""
+    old = next((a.split("=")[0] for a in argv if a.split("=")[0] in renamed), None)
+    return f"{old} is now {renamed[old]}" if old else ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +246,7 @@ def save_checkpoint(obj, path):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         if isinstance(e, RuntimeError):      # how torch's writer reports a full disk, among others
-            raise OSError(f"{path}: {e}") from e
+            raise OSError(f"{path}: {str(e).splitlines()[0][:200]}") from e
         raise
 
 

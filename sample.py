@@ -291,7 +291,7 @@ def labels(classes, seeds, idx, how):
     seed (numpy's, apart from its noise's torch generator), or cycled by its index (balanced)."""
     if how == "balanced":
         return [classes[i % len(classes)] for i in idx]
-    return [classes[np.random.default_rng(s).integers(len(classes))] for s in seeds]
+    return [classes[np.random.default_rng(s % 2 ** 64).integers(len(classes))] for s in seeds]
 
 
 def training_protocol(ck):
@@ -473,8 +473,9 @@ def main(argv=None):
     arg("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     arg("--precision", default="fp32", choices=["bf16", "fp32"], help="fp32 (TF32 matmuls on "
         "CUDA), as DiT samples and evaluates; bf16: autocast on CUDA")
-    if R.renamed_flag(sys.argv[1:] if argv is None else argv):   # before argparse reads them
-        parser.error(R.renamed_flag(sys.argv[1:] if argv is None else argv))
+    renamed = {"--lpips_weights": "--lpips_file", "--cfg_scale": "--guidance"}   # old -> new
+    if R.renamed_flag(sys.argv[1:] if argv is None else argv, renamed):
+        parser.error(R.renamed_flag(sys.argv[1:] if argv is None else argv, renamed))
     args = parser.parse_args(argv)
     if "RANK" in os.environ and args.mode != "generate":
         raise SystemExit("error: only --mode generate runs under torchrun; run recon and latent "

@@ -128,12 +128,13 @@ class RandomFeatures(nn.Module):
 TRAIN_FAST = ["--global_batch", "16", "--workers", "0", "--log_every", "2", "--deterministic"]
 
 
-def run(script, *argv, torchrun=0, restarts=0, check=True, env=None):
+def run(script, *argv, torchrun=0, restarts=0, check=True, env=None, session=False):
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
                                f"--nproc_per_node={torchrun}", f"--max-restarts={restarts}"]
                               if torchrun else []) + [os.path.join(HERE, script), *map(str, argv)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default", **(env or {})}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, timeout=600)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, timeout=600,
+                         start_new_session=session)      # its own process group
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
@@ -172,7 +173,9 @@ def generator_loss(*args, **kwargs):            # a NaN loss at the chosen (1-ba
     if die and calls[0] == die[1] and rank == die[0] and attempt == "0":
         os.kill(os.getpid(), signal.SIGKILL)    # this rank dies, in torchrun's first attempt
     if sig and calls[0] == sig[1] and rank == sig[0]:      # SIGTERM to this rank or its agent
-        for _ in range(2 if sig[2] == "twice" else 1):
+        if sig[2] == "group":                   # twice, as a group's and torchrun's arrive
+            os.killpg(os.getpgrp(), signal.SIGTERM), os.killpg(os.getpgrp(), signal.SIGTERM)
+        else:
             os.kill(os.getppid() if sig[2] == "agent" else os.getpid(), signal.SIGTERM)
     loss, terms = original(*args, **kwargs)
     return (loss * float("nan") if calls[0] in bad else loss), terms
@@ -209,8 +212,9 @@ def run_patched(tmp_path, *argv, nan=(), dump=None, full=0, stall=(), die=(), si
     """train.py under a test-only monkeypatch: NaN losses at the given generator-loss calls (one
     per step with one micro-batch), a full disk at the `full`-th torch.save, rank `stall[0]`
     stopping at loss call `stall[1]`, rank `die[0]` killed at loss call `die[1]` of torchrun's
-    first attempt, rank `sig[0]` sending SIGTERM at loss call `sig[1]` to itself (sig[2] "self";
-    "twice": two at once) or its torchrun agent ("agent"), and another 1.2 s into the
+    first attempt, rank `sig[0]` sending SIGTERM at loss call `sig[1]` to itself (sig[2] "self"),
+    its torchrun agent ("agent") or, twice, its process group ("group", run with session=True:
+    its loader workers too), and another 1.2 s into the
     `sig_at_save`-th torch.save; each rank's final state (model, EMA, discriminator, VF projection,
     optimizers) saved to `dump`/rank<r>.pt."""
     script = tmp_path / "patched_train.py"
@@ -353,9 +357,10 @@ def test_config_flags():
                                                            H.HieraTokConfig))
     with pytest.raises(SystemExit):                            # argparse: not an int
         p.parse_args(["--dec_depth", "four"])
-    assert R.renamed_flag(["--steps", "3", "--label_drop=0.2", "--vf_weights", "f"]) == \
+    renamed = {"--label_drop": "--dit_class_dropout", "--dit_patch": "--dit_patch_size"}
+    assert R.renamed_flag(["--steps", "3", "--label_drop=0.2", "--dit_patch", "2"], renamed) == \
         "--label_drop is now --dit_class_dropout"
-    assert R.renamed_flag(["--lpips_weight", "1", "--dit_patch_size", "2"]) == ""
+    assert R.renamed_flag(["--lpips_weight", "1", "--dit_patch_size", "2"], renamed) == ""
 
 
 def test_scale_weights():
@@ -767,21 +772,11 @@ def test_sample_independent_of_batch(objective):
                        H.seeded_noise(H.generators([5, 7]), (2, 3))[1:])
 
 
-def dit_respacing(k):
-    """DiT's space_timesteps(1000, str(k)), written from its rule: the stride (999 / (k - 1))
-    added up in floating point, each sum rounded."""
-    kept, at = [], 0.0
-    for _ in range(k):
-        kept.append(round(at))
-        at += 999 / (k - 1)
-    return kept
-
-
 def test_ddpm_schedule():
     """The linear schedule's cumulative alphas in closed form at t = 0 and 999, and DiT's 250
     respaced steps: 0, 4, 8, ..., 999, their cumulative alphas kept, their betas 1 - abar_k /
     abar_(k before), the posterior's log variance at t = 0 replaced by t = 1's; DiT's kept steps
-    for every step count from 2 to 1000."""
+    for 21, 43 and 999 steps, as its space_timesteps gives them."""
     s, kept = H.ddpm_schedule()
     betas = np.linspace(1e-4, 0.02, 1000)
     assert kept == list(range(1000)) and s.alphas_cumprod[0].item() == pytest.approx(1 - 1e-4)
@@ -796,10 +791,16 @@ def test_ddpm_schedule():
     var = r.betas.numpy() * (1 - np.concatenate([[1.0], abar[:-1]])) / (1 - abar)
     np.testing.assert_allclose(r.posterior_logvar.numpy(), np.log([var[1], *var[1:]]), rtol=1e-9)
     assert H.ddpm_schedule(2)[1] == [0, 999]
-    # DiT keeps these (its stride summed in floating point), where i * 999 / (k - 1) would not
-    for k, where in ((21, {10: 499}), (43, {21: 499, 35: 833}), (999, {499: 499})):
-        assert {i: H.ddpm_schedule(k)[1][i] for i in where} == where
-    assert all(H.ddpm_schedule(k)[1] == dit_respacing(k) for k in range(2, 1001))
+    # DiT's space_timesteps(1000, str(k)), from its code (its stride summed in floating point):
+    # 21 keeps 499 and 43 keeps 499 and 833, where i * 999 / (k - 1) would round to 500 and 832
+    assert H.ddpm_schedule(21)[1] == [0, 50, 100, 150, 200, 250, 300, 350, 400, 450, 499, 549,
+                                      599, 649, 699, 749, 799, 849, 899, 949, 999]
+    assert H.ddpm_schedule(43)[1] == [0, 24, 48, 71, 95, 119, 143, 166, 190, 214, 238, 262, 285,
+                                      309, 333, 357, 381, 404, 428, 452, 476, 499, 523, 547, 571,
+                                      595, 618, 642, 666, 690, 714, 737, 761, 785, 809, 833, 856,
+                                      880, 904, 928, 951, 975, 999]
+    kept = H.ddpm_schedule(999)[1]
+    assert sum(kept) == 499000 and kept[497:502] == [497, 498, 499, 501, 502]
     for steps in (0, 1, 1001):           # one step would keep step 0 alone, and sample no noise
         with pytest.raises(ValueError, match="2 to 1000 steps"):
             H.ddpm_schedule(steps)
@@ -948,7 +949,7 @@ def test_ddpm_sampler_draws_gaussian_data():
     the 1,000-step betas used at the kept steps."""
     mu, sigma = torch.tensor([0.5, -1.0, 0.0, 2.0]), torch.tensor([0.01, 0.5, 1.0, 2.0])
     cfg = H.DiTConfig(input_size=16, in_channels=4, depth=1, dim=8, heads=1, num_classes=2)
-    oracle = GaussianOracle(cfg, mu, sigma, dit_respacing(250))
+    oracle = GaussianOracle(cfg, mu, sigma, [round(i * 999 / 249) for i in range(250)])  # DiT's
     out = H.sample_latents(oracle, torch.zeros(64, dtype=torch.long), range(64)).double()
     a0 = 1 - 1e-4                                                   # the final step smooths
     var = sigma.double() ** 2 * (1 - (1 - a0) / (a0 * sigma.double() ** 2 + 1 - a0))
@@ -1176,15 +1177,17 @@ def test_resume_is_exact(job, tok_run, tmp_path):
     does: weights, EMA, discriminator, both optimizers, the VF projection (the GAN stage with the
     VF loss); the tokenizer on two gloo ranks; and across epoch boundaries (3 steps an epoch) with
     two loader workers, on a folder with an unreadable file (named). The stop: --stop_at 3 (4 for
-    epochs); for the GAN stage two SIGTERMs at once to its process in step 3 (as a signal to a
-    process group and torchrun's forward of it arrive), one request: it checkpoints that step and
-    exits with 75; on two ranks a SIGTERM to torchrun's agent in step 3, which it forwards, so
-    both ranks stop at the next log step, 4, and checkpoint it."""
+    epochs); for the GAN stage (two loader workers) two SIGTERMs at once to its process group in
+    step 3 (as a group's signal and torchrun's forward of it arrive), one request, which the
+    workers leave to it: it checkpoints that step and exits with 75; on two ranks a SIGTERM to
+    torchrun's agent in step 3, which it forwards, so both ranks stop at the next log step, 4,
+    and checkpoint it."""
     extra = {"gan": ["--job", "gan", "--init", tok_run, "--disc_start", 1, "--disc_ramp", 2,
-                     "--ema", 0.9, *(fake_dinov2(tmp_path / "dinov2") if job == "gan" else [])],
+                     "--ema", 0.9, "--workers", 2,
+                     *(fake_dinov2(tmp_path / "dinov2") if job == "gan" else [])],
              "dit": ["--job", "dit", "--tokenizer", tok_run, "--stats_batches", 2],
-             "ddp": ["--device", "cpu"], "epochs": ["--data", tmp_path / "data", "--global_batch",
-                                                   8, "--workers", 2]}[job]
+             "ddp": ["--device", "cpu", "--workers", 1],
+             "epochs": ["--data", tmp_path / "data", "--global_batch", 8, "--workers", 2]}[job]
     if job == "epochs":
         write_folder(tmp_path / "data", n=12)                    # 25 files: 3 steps an epoch
     stop, procs = (4 if job == "epochs" else 3), (2 if job == "ddp" else 0)
@@ -1194,8 +1197,8 @@ def test_resume_is_exact(job, tok_run, tmp_path):
         assert "warning: skipping unreadable image" in res.stderr and "broken.png" in res.stderr
     argv = ["--steps", 6, "--out", tmp_path / "resumed", *TRAIN_FAST, *extra]
     if job in ("gan", "ddp"):
-        res = run_patched(tmp_path, *argv, sig=(0, 3, "agent" if procs else "twice"), check=False,
-                          torchrun=procs)
+        res = run_patched(tmp_path, *argv, sig=(0, 3, "agent" if procs else "group"), check=False,
+                          torchrun=procs, session=not procs)
         stop = 4 if procs else 3
         assert res.returncode == (1 if procs else 75), res.stderr[-2000:]   # torchrun's own: 1
         lines = [f"rank {r}: " for r in range(procs)] or [""]

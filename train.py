@@ -22,6 +22,7 @@ DiT samples from fixed seeds (samples_<step>.png).
 """
 
 import argparse
+import atexit
 import contextlib
 import copy
 import json
@@ -136,8 +137,10 @@ arg("--milestone_every", type=NATURAL, default=0, help="keep checkpoints at mult
 arg("--stop_at", type=COUNT, help="checkpoint and exit at this step; rerun to go on")
 arg("--timeout", type=POSITIVE, default=10.0, help="minutes a rank waits for the others")
 arg("--deterministic", action="store_true", help="deterministic kernels (tests)")
-if R.renamed_flag(sys.argv[1:]):                         # before argparse reads them
-    fail(R.renamed_flag(sys.argv[1:]))
+RENAMED = {"--lpips_weights": "--lpips_file", "--vf_weights": "--vf_file",   # old -> new
+           "--dit_patch": "--dit_patch_size", "--label_drop": "--dit_class_dropout"}
+if R.renamed_flag(sys.argv[1:], RENAMED):
+    fail(R.renamed_flag(sys.argv[1:], RENAMED))
 args = parser.parse_args()
 job = args.job
 warnings.showwarning = lambda message, *_: tqdm.write(f"warning: {message}", file=sys.stderr)
@@ -185,6 +188,13 @@ REFUSED = {"global_batch": (lambda v: v, "what a step and the data position coun
            "vf_weight": (lambda v: v > 0, "whether the VF loss and its projection train"),
            "freeze_encoder": (lambda v: v, "which parameters the optimizer holds")}
 UNCOMPARED = {"out", "tokenizer", "steps", "epochs", "stop_at"}
+
+
+def saved_flags(ck):
+    """The flags a checkpoint was trained with, those it predates at the value they had then: the
+    EMA warmed up (before --ema_warmup), --freeze_encoder a no-op outside the GAN stage."""
+    return {"ema_warmup": ck["args"].get("ema", 0) > 0, **ck["args"],
+            **({} if job == "gan" else {"freeze_encoder": False})}
 
 
 def tokenizer_job_config():
@@ -248,19 +258,21 @@ def check_resume(ck, path):
              f"--out")
     config_flags = {f.name for f in fields(H.HieraTokConfig)} | {
         f"dit_{f.name}" for f in fields(H.DiTConfig)}             # compared above
-    now = vars(args)
-    for name in sorted((set(ck["args"]) & set(now)) - config_flags - UNCOMPARED):
-        old, new = ck["args"][name], now[name]
+    now, saved = vars(args), saved_flags(ck)
+    for name in sorted((set(saved) & set(now)) - config_flags - UNCOMPARED):
+        old, new = saved[name], now[name]
         if name in REFUSED and REFUSED[name][0](old) != REFUSED[name][0](new):
             fail(f"{path} was trained with --{name} {old}: resuming with {new} would change "
                  f"{REFUSED[name][1]}. Pass --{name} {old}, or a new --out")
         if old != new:
             log(f"--{name} {old} -> {new} from step {ck['step']} (resuming {path})")
     proj = ck.get("vf_proj") or {}
-    if args.vf_weight > 0 and (set(proj) != {"weight"} or
-                               len(proj["weight"]) != R.DINOv2Features.DIMS[args.vf_model]):
-        fail(f"{path}'s VF projection does not fit DINOv2 {args.vf_model} and VA-VAE's projection "
-             f"without bias (an earlier version had one); pass its --vf_model, or a new --out")
+    if args.vf_weight > 0 and "bias" in proj:
+        fail(f"{path}'s VF projection has a bias, an earlier version's; this one is VA-VAE's, "
+             f"without: train the VF run anew in a new --out")
+    if args.vf_weight > 0 and len(proj["weight"]) != R.DINOv2Features.DIMS[args.vf_model]:
+        fail(f"{path}'s VF projection is {len(proj['weight'])} wide, not DINOv2 {args.vf_model}'s: "
+             f"pass the --vf_model it was trained with")
     if ck.get("steps", steps) != steps:
         log(f"the schedule changes: {path} was planned for {ck['steps']} steps, this run for "
             f"{steps}; the learning rate follows the new length from step {ck['step']}")
@@ -349,6 +361,13 @@ raw = model = model.to(device)                           # raw: the uncompiled m
 # data: each rank's batches in a resumable order; flips drawn on the device from the saved RNG
 
 
+def loader_worker(_):
+    """A data-loader worker leaves SIGTERM and SIGUSR1 to the main process, which stops the run
+    (a signal to the process group reaches the workers too, and would kill them mid-batch)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Sampler(torch.utils.data.DistributedSampler):
     """DistributedSampler that can start mid-epoch, so a resumed run sees exactly the batches an
     uninterrupted one would."""
@@ -368,7 +387,7 @@ def batches(pos):
     loader = torch.utils.data.DataLoader(
         data, batch, sampler=sampler, num_workers=args.workers, drop_last=True,
         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-        generator=torch.Generator().manual_seed(args.seed + rank))
+        generator=torch.Generator().manual_seed(args.seed + rank), worker_init_fn=loader_worker)
     while True:
         sampler.set_epoch(pos[0])
         sampler.start = pos[1] // world
@@ -443,7 +462,8 @@ def measure_latent_stats():
     its buffers (and so in every checkpoint)."""
     s1 = s2 = n = 0
     sampler = Sampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed + 1)
-    loader = torch.utils.data.DataLoader(data, batch, sampler=sampler, num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(data, batch, sampler=sampler, num_workers=args.workers,
+                                         worker_init_fn=loader_worker)
     for _, (x, _) in zip(range(args.stats_batches), loader):
         z = latents(x)
         s1, s2 = s1 + z.sum((0, 2, 3)), s2 + z.square().sum((0, 2, 3))
@@ -577,10 +597,11 @@ def write_checkpoint():
                                           f"{step:07d}.png"), **shown)
         except OSError as e:
             error = (f"cannot write the checkpoint of step {step} to {out_dir} "
-                     f"({e.strerror or 'the write failed'}; "
+                     f"({e.strerror or e}; "
                      f"{shutil.disk_usage(out_dir).free / 2 ** 20:.0f} MiB free there). The "
                      f"newest checkpoint, step {max(R.checkpoints(out_dir), default=0)}, is "
-                     f"intact: free some space and rerun this command to resume from it")
+                     f"intact: free some space, or mend the cause, and rerun this command to "
+                     f"resume from it")
     ok = torch.tensor(0.0 if error else 1.0, device=device)
     if ddp:                              # also the barrier: no rank goes on before the file is in
         dist.broadcast(ok, 0)
@@ -621,6 +642,9 @@ if master:
 flops_per_image = 3 * (H.dit_flops(cfg) if job == "dit" else H.tokenizer_flops(cfg))
 peak_flops = R.peak_flops(device)                        # bf16 FLOP/s of the GPU, for MFU
 stream = batches(pos)
+# its workers ignore SIGTERM (loader_worker), so multiprocessing's SIGTERM at exit would not end
+# them: however the run ends, the loader is shut down first (atexit runs last-in first-out)
+atexit.register(stream.close)
 # non-finite steps in a row, the longest such run, and this run's finite steps (device scalars)
 bad_run = worst = good_steps = torch.zeros((), device=device)
 start, stop = step, False
@@ -634,13 +658,13 @@ bar = tqdm(total=steps, initial=step, disable=not master, dynamic_ncols=True, de
 # the previous checkpoint intact. The same signal within a second is one request: a signal sent to
 # a process group reaches a worker both directly and through torchrun.
 STOPPED = 75                             # sysexits' EX_TEMPFAIL: run the same command again
-asked = []                               # [signal name, time] of the request
+asked = []                               # [signal name, time, number] of the request
 
 
 def on_signal(signum, frame):
     if not asked:
-        asked.extend([signal.Signals(signum).name, time.time()])
-    elif time.time() - asked[1] > 1.0:
+        asked.extend([signal.Signals(signum).name, time.time(), signum])
+    elif signum != asked[2] or time.time() - asked[1] > 1.0:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
