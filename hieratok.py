@@ -27,8 +27,8 @@ Notable choices (the README's design notes give the reasoning):
   SDPA; it makes decoding progressive (Decoder).
 - The loss is in LDM's units, so the paper's weights mean what they say (generator_loss).
 - The DiT is vanilla DiT's DDPM by default (the paper's testbed: noise and learned variance,
-  250 respaced ancestral steps), flow matching as an option; per-sample seeds make samples
-  independent of batch size and GPU count.
+  250 respaced ancestral steps), flow matching as an option; per-sample seeds make each sample's
+  noise independent of batch size and GPU count.
 """
 
 import functools
@@ -326,7 +326,7 @@ class ScaleDown(nn.Module):
 
 class Downsampler(nn.Module):
     """Full-resolution token map h (B, D, S, S) -> list of maps (B, D, s, s), coarse to fine, for
-    the first k scales; the finest entry is h itself. 'interp' is area pooling (parameter free)."""
+    the first k scales; the finest, when all are asked, is h itself. 'interp' is area pooling."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -472,9 +472,10 @@ class HieraTok(nn.Module):
 
 def reconstruction_loss(cfg, x, recons, lpips=None):
     """HieraTok's supervision of every scale: l1, mse and lpips_weight (the paper's 1, 0.4, 1)
-    times L1, MSE and LPIPS (per-pixel means) of each scale's image against the input
-    area-downsampled to its size; the scales' terms weighted by cfg.scale_weights and summed ->
-    (rec, terms): rec the weighted sum, terms every term per scale (rec_s<s>), detached."""
+    times L1, MSE and LPIPS (per-pixel means; LPIPS on scales of LPIPS_MIN_SIZE and up) of each
+    scale's image against the input area-downsampled to its size; the scales' terms weighted by
+    cfg.scale_weights and summed -> (rec, terms): rec the weighted sum, terms every term per scale
+    (rec_s<s>), detached."""
     terms, rec, min_size = {}, 0.0, LPIPS_MIN_SIZE[cfg.lpips_net]
     for s, r, w in zip(cfg.scales, recons, cfg.scale_weights):
         target = area_pool(x, r.shape[-1])
@@ -764,8 +765,8 @@ class DiT(nn.Module):
 # 10. The DiT's objectives and samplers. DDPM, vanilla DiT's (the paper's testbed): 1,000 steps,
 #     linear betas, the noise predicted with a learned variance, 250 respaced ancestral sampling
 #     steps. Flow matching: x_t = (1 - t) x0 + t eps (t = 0 data, t = 1 noise), velocity target
-#     eps - x0, an Euler or Heun ODE sampler. Sample i's noise comes from its own seed: samples are
-#     the same whatever the batch or the number of GPUs.
+#     eps - x0, an Euler or Heun ODE sampler. Sample i's noise comes from its own seed, whatever the
+#     batch or the number of GPUs.
 
 DDPM_STEPS = 1000
 SAMPLING_STEPS = {"ddpm": 250, "flow": 50}    # each sampler's default (DiT's 250; 50 ODE steps)
@@ -848,9 +849,9 @@ def ddpm_noised(sched, x0, t, eps):
 
 def ddpm_gaussian(sched, xt, t, eps, v):
     """The model's p(x_{t-1} | x_t) from its predicted noise eps and variance interpolation v, each
-    (B, C, H, W) -> (mean, log variance). The mean is the posterior's at the predicted x_0 (not
-    clipped); the log variance runs from the posterior's (v = -1) to log beta_t (v = 1), v not
-    clamped."""
+    (B, C, H, W), t the steps' indices in sched's tables (their numbers on the 1,000-step schedule)
+    -> (mean, log variance). The mean is the posterior's at the predicted x_0 (not clipped); the
+    log variance runs from the posterior's (v = -1) to log beta_t (v = 1), v not clamped."""
     abar = sched.alphas_cumprod
     x0 = at((1 / abar).sqrt(), t) * xt - at((1 / abar - 1).sqrt(), t) * eps
     mean = at(sched.coef_x0, t) * x0 + at(sched.coef_xt, t) * xt

@@ -9,8 +9,8 @@ sample.py: see and measure what the trained models do. Every metrics file record
             scale (Appendix D's view), samples.npz for gFID, FID against --fid_ref
   latent    the paper's Table 5 by its protocol (VA-VAE's): latent tokens, t-SNE, a Gaussian KDE,
             density CV / Gini / normalised entropy over runs; Figure 5's picture; the per-scale
-            equivariance error |D(D_s z) - D_s(D z)|: scale s's image against the full
-            image area-pooled to its size
+            equivariance error |D(D_s z) - D_s(D z)| on [0, 1] pixels: scale s's image against
+            the full image area-pooled to its size
 
   python sample.py --mode recon --ckpt runs/tokenizer-tiny
   python sample.py --mode generate --ckpt runs/dit-tiny --num_samples 16 --guidance 4

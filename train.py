@@ -2,7 +2,7 @@
 train.py: one training loop for HieraTok's three jobs, in nanoGPT's order: flags, set-up, the run's
 checks, models, data, optimizers, resume, the loop's helpers, then the loop, top to bottom.
 
-  tokenizer   stage 1: L1 + MSE + LPIPS on every scale, + the KL of the latent
+  tokenizer   stage 1: L1 + MSE (+ LPIPS where the scale is large enough) on every scale, + KL
   gan         stage 2: stage 1's losses + a PatchGAN (hinge, adaptive weight), from a stage-1 run
   dit         a DiT on the latents of a tokenizer checkpoint: DDPM (vanilla DiT's), or flow
 
@@ -565,7 +565,7 @@ def diverged():
                else "starts the run over (no checkpoint came before them)")
             + (". Every step since resuming from it was non-finite, so it may hold diverged "
                "weights: remove it to resume from an older one, or use a new --out"
-               if start > 0 and good_steps.item() == 0 else ""))
+               if first_step > 0 and good_steps.item() == 0 else ""))
 
 
 def write_checkpoint():
@@ -647,7 +647,7 @@ stream = batches(pos)
 atexit.register(stream.close)
 # non-finite steps in a row, the longest such run, and this run's finite steps (device scalars)
 bad_run = worst = good_steps = torch.zeros((), device=device)
-start, stop = step, False
+first_step, stop = step, False                          # this run's first step, the stop asked
 sums, interval, t0 = {}, 0, time.time()          # per term: [sum, finite steps] since the last log
 bar = tqdm(total=steps, initial=step, disable=not master, dynamic_ncols=True, desc=job)
 
