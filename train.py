@@ -19,6 +19,10 @@ on a CPU, tested; what a resume may change: REFUSED below). SIGTERM or SIGUSR1 (
 preemption) checkpoints the step reached and exits with 75. Each checkpoint also writes a picture
 of what the model has learned: a fixed batch reconstructed at every scale (recon_<step>.png), or
 DiT samples from fixed seeds (samples_<step>.png).
+
+Where to read: one step is the loop at the end of the file, five numbered parts. A resume is
+REFUSED and check_resume (what may change), resume (what comes back), write_checkpoint (what is
+saved) and batches (the data position). The rest is set-up, checks and their error lines.
 """
 
 import argparse
