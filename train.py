@@ -19,10 +19,6 @@ on a CPU, tested; what a resume may change: REFUSED below). SIGTERM or SIGUSR1 (
 preemption) checkpoints the step reached and exits with 75. Each checkpoint also writes a picture
 of what the model has learned: a fixed batch reconstructed at every scale (recon_<step>.png), or
 DiT samples from fixed seeds (samples_<step>.png).
-
-Where to read: one step is the loop at the end of the file, five numbered parts. A resume is
-REFUSED and check_resume (what may change), resume (what comes back), write_checkpoint (what is
-saved) and batches (the data position). The rest is set-up, checks and their error lines.
 """
 
 import argparse
@@ -143,8 +139,8 @@ arg("--timeout", type=POSITIVE, default=10.0, help="minutes a rank waits for the
 arg("--deterministic", action="store_true", help="deterministic kernels (tests)")
 RENAMED = {"--lpips_weights": "--lpips_file", "--vf_weights": "--vf_file",   # old -> new
            "--dit_patch": "--dit_patch_size", "--label_drop": "--dit_class_dropout"}
-if R.renamed_flag(sys.argv[1:], RENAMED):
-    fail(R.renamed_flag(sys.argv[1:], RENAMED))
+if said := R.renamed_flag(sys.argv[1:], RENAMED):      # before argparse reads it as another
+    fail(said)
 args = parser.parse_args()
 job = args.job
 warnings.showwarning = lambda message, *_: tqdm.write(f"warning: {message}", file=sys.stderr)
@@ -465,8 +461,8 @@ def measure_latent_stats():
     """The DiT's per-channel latent mean and std over --stats_batches batches per rank, stored in
     its buffers (and so in every checkpoint)."""
     s1 = s2 = n = 0
-    sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True,
-                               seed=args.seed + 1)
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=args.seed + 1)
     loader = torch.utils.data.DataLoader(data, batch, sampler=sampler, num_workers=args.workers,
                                          worker_init_fn=loader_worker)
     for _, (x, _) in zip(range(args.stats_batches), loader):
