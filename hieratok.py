@@ -7,7 +7,7 @@ Paper: "HieraTok: Multi-Scale Visual Tokenizer Improves Image Reconstruction and
   2. Transformer block .... Attention (SDPA, an optional boolean mask), the scale mask, MLP,
                             Block
   3. Configuration ........ HieraTokConfig and its per-scale loss weights
-  4. Encoder .............. ViT: image -> posterior over the latent z (B, d, S, S)
+  4. Encoder .............. ViT: image -> the moments (mean, log-variance) of z (B, d, S, S)
   5. Downsampler .......... the full-resolution token map -> the coarser maps (conv | interp)
   6. Decoder .............. scale-masked ViT over the coarse-to-fine sequence, one head per scale
   7. Tokenizer ............ HieraTok: encode / tokens (z -> decoder width -> token maps) / decode
@@ -307,9 +307,9 @@ class ScaleDown(nn.Module):
 
     def __init__(self, dim, S, s):
         super().__init__()
-        k, stride = (S // s, S // s) if S % s == 0 else (S - s + 1, 1)
+        kernel, stride = (S // s, S // s) if S % s == 0 else (S - s + 1, 1)
         self.net = nn.Sequential(
-            nn.Conv2d(dim, dim, k, stride=stride, groups=dim, bias=False),
+            nn.Conv2d(dim, dim, kernel, stride=stride, groups=dim, bias=False),
             LayerNorm2d(dim, eps=1e-6),
             nn.Conv2d(dim, dim, 1, bias=False), LayerNorm2d(dim, eps=1e-6),
             nn.Conv2d(dim, dim, 3, padding=1, bias=False), LayerNorm2d(dim, eps=1e-6))
@@ -398,7 +398,7 @@ class Output(NamedTuple):
     mean: torch.Tensor               # posterior mean (B, d, S, S)
     logvar: torch.Tensor             # posterior log-variance (B, d, S, S)
     z: torch.Tensor                  # the latent decoded (B, d, S, S): a sample, or the mean
-    head_input: torch.Tensor         # the finest head's input (B, S*S, D): why, head_weight_grad
+    head_input: torch.Tensor         # the finest head's input (B, S*S, D): see head_weight_grad
 
 
 class HieraTok(nn.Module):
@@ -596,7 +596,8 @@ def generator_loss(cfg, x, out, lpips=None, vf=None, vf_weight=0.0, vf_layer=Non
     """The tokenizer's objective on a forward pass `out` of images x -> (loss, terms): every
     scale's reconstruction + the KL (stage 1), + the VF term at VA-VAE's adaptive weight (at
     `vf_layer`, the encoder's last layer) x vf_weight, + the adversarial term of the frozen `disc`
-    at VQGAN's adaptive weight (at the finest head's linear layer) x gan_weight (stage 2).
+    at VQGAN's adaptive weight (at the finest head's linear layer) x gan_weight (stage 2: this
+    step's, --gan_weight times its ramp).
 
     Units are LDM's (the paper's loss weights are in them): LDM sums the reconstruction over an
     image's 3·H·W values and the KL over its latent elements. Here every reconstruction term is a

@@ -711,8 +711,9 @@ def plan_steps(args, images, world):
 # Resuming compares every flag the checkpoint saved with the one given now. A change that would
 # break exactness is refused, naming what it would change (the config is compared field by field,
 # the DiT's tokenizer file in dit_tokenizer); any other is said in one line, old -> new, and holds
-# from the resumed step. Not compared: the run directory itself, the tokenizer (by its file), the
-# length (said as the schedule's), --stop_at (it differs by design between a stop and its rerun).
+# from the resumed step. Not compared as flags: the run directory itself, --tokenizer (its file is,
+# in dit_tokenizer), the length (a new one is said, as the schedule's), --stop_at (it differs by
+# design between a stop and its rerun).
 REFUSED = {"global_batch": (lambda v: v, "what a step and the data position count (--batch sets "
                                          "what fits on a device)"),
            "seed": (lambda v: v, "the data order mid-epoch"),

@@ -103,9 +103,10 @@ class FID:
 
 def frechet_distance(fa, fb):
     """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2) between feature sets (N, D). tr (S_a
-    S_b)^1/2 is the sum of the singular values of Xa Xb^T / sqrt((Na-1)(Nb-1)) (X centred) when
-    N < D, else of the roots of the eigenvalues of S_a^1/2 S_b S_a^1/2: exact, in milliseconds
-    (sqrtm of the 2048 x 2048 product agrees to 1e-4 at N = 402 and takes 40 s on one core)."""
+    S_b)^1/2 is the sum of the singular values of Xa Xb^T / sqrt((Na-1)(Nb-1)) (X centred), or
+    of the roots of the eigenvalues of S_a^1/2 S_b S_a^1/2: both exact, the first cheaper while
+    Na + Nb < 2D; milliseconds either way (sqrtm of the 2048 x 2048 product agrees to 1e-4 at
+    N = 402 and takes 40 s on one core)."""
     xa, xb = fa - fa.mean(0), fb - fb.mean(0)
     ca, cb = len(fa) - 1, len(fb) - 1
     if len(fa) + len(fb) < 2 * fa.shape[1]:
@@ -156,8 +157,8 @@ def latent_points(latents, n, rng):
     random image (without replacement while n <= I), its flip with chance 1/2. -> (n, d)."""
     I, _, d, S, _ = latents.shape
     img = rng.choice(I, n, replace=n > I)
-    flip, y, x = rng.integers(0, 2, n), rng.integers(0, S, n), rng.integers(0, S, n)
-    return latents[img, flip, :, y, x]                                   # (n, d)
+    flip, row, col = rng.integers(0, 2, n), rng.integers(0, S, n), rng.integers(0, S, n)
+    return latents[img, flip, :, row, col]                               # (n, d)
 
 
 def density_png(points, density, path, size=512):
@@ -226,7 +227,8 @@ def reconstruct(args, device, amp):
     cfg = tok.cfg
     k = tok.num_scales(args.upto)                    # a bad --upto is refused here, in one line
     scales, full = cfg.scales[:k], k == len(cfg.scales)
-    lp, fid = lpips_model(args, device), fid_model(args, device) if full else None
+    lp = lpips_model(args, device)
+    fid = fid_model(args, device) if full else None     # rFID compares full reconstructions
     sums = {s: {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0} for s in scales}
     lp_min = H.LPIPS_MIN_SIZE[lp.backbone] if lp is not None else math.inf
     size = cfg.image_size                             # filled in place (50k images: 9.8 GB each)
@@ -407,12 +409,12 @@ def analyse(args, device, amp):
     lat = (lat - mean) / (std + 1e-12)                                 # per channel, over the data
     runs = []
     for r, seed in enumerate(range(args.seed, args.seed + args.runs)):
-        t = time.time()
+        start = time.time()
         points = latent_points(lat, args.points, np.random.default_rng(seed))   # (N, d)
         pts = TSNE(n_components=2, perplexity=args.perplexity, random_state=seed)\
             .fit_transform(points)                                       # (N, 2)
         dens = gaussian_kde(pts.T)(pts.T)
-        runs.append({"seed": seed, **uniformity(dens), "seconds": round(time.time() - t, 1)})
+        runs.append({"seed": seed, **uniformity(dens), "seconds": round(time.time() - start, 1)})
         print(f"run {r}: " + " | ".join(f"{k} {v:.5g}" for k, v in runs[-1].items()))
         if r == 0:
             density_png(pts, dens, os.path.join(args.out, "latent_tsne.png"))

@@ -100,9 +100,9 @@ try:
     R.make_writable_dir(out_dir)
     ck, path = R.load_checkpoint(out_dir, kinds=(job,)) if R.checkpoints(out_dir) else (None, None)
     if job == "dit":
-        tok_ck, tok_path, said = R.dit_tokenizer(args, ck, path)
-        if said:
-            log(said)
+        tok_ck, tok_path, note = R.dit_tokenizer(args, ck, path)
+        if note:
+            log(note)
         tok_cfg = R.checkpoint_config(tok_ck)
     data = R.dataset(args.data, tok_cfg.image_size if job == "dit" else cfg.image_size)
     if job == "dit":                                     # the class count comes from the data
@@ -123,8 +123,8 @@ try:
         0.0 if job == "dit" else 0.05)
     args.ema = args.ema if args.ema is not None else (0.9999 if job == "dit" else 0.0)
     args.clip = args.clip if args.clip is not None else (0.0 if job == "dit" else 1.0)
-    for said in R.resume_changes(args, cfg, steps, ck, path) if ck else []:
-        log(said)
+    for change in R.resume_changes(args, cfg, steps, ck, path) if ck else []:
+        log(change)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 if job == "gan" and args.disc_start >= steps:
