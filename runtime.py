@@ -152,7 +152,8 @@ def train_parser(argv, description):
     arg("--lr_end", type=NONNEG, default=1e-5, help="final rate of the tokenizer's cosine")
     arg("--warmup", type=FRACTION, default=0.03, help="warm-up, a fraction of the steps "
         "(tokenizer)")
-    arg("--weight_decay", type=NONNEG, help="AdamW weight decay (default: tokenizer 0.05, DiT 0)")
+    arg("--weight_decay", type=NONNEG, help="AdamW weight decay of the model (default: tokenizer "
+        "0.05, DiT 0; the discriminator's is 0.05)")
     arg("--clip", type=NONNEG, help="gradient-norm clip of each optimizer, 0 = off (default: "
         "tokenizer 1.0, DiT off as in DiT)")
     arg("--ema", type=FRACTION, help="EMA decay, 0 = off (default: DiT 0.9999, tokenizer off)")
@@ -724,8 +725,9 @@ UNCOMPARED = {"out", "tokenizer", "steps", "epochs", "stop_at"}
 
 def saved_flags(ck):
     """The flags a checkpoint was trained with, those it predates at the value they had then: the
-    EMA warmed up (before --ema_warmup), --freeze_encoder a no-op outside the GAN stage."""
-    return {"ema_warmup": ck["args"].get("ema", 0) > 0, **ck["args"],
+    EMA warmed up (before --ema_warmup), no VF loss, --freeze_encoder a no-op outside the GAN
+    stage."""
+    return {"ema_warmup": ck["args"].get("ema", 0) > 0, "vf_weight": 0.0, **ck["args"],
             **({} if ck["job"] == "gan" else {"freeze_encoder": False})}
 
 

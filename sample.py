@@ -9,8 +9,8 @@ sample.py: see and measure what the trained models do. Every metrics file record
             scale (Appendix D's view), samples.npz for gFID, FID against --fid_ref
   latent    the paper's Table 5 by its protocol (VA-VAE's): latent tokens, t-SNE, a Gaussian KDE,
             density CV / Gini / normalised entropy over runs; Figure 5's picture; the per-scale
-            equivariance error |D(D_s z) - D_s(D z)| on [0, 1] pixels: scale s's image against
-            the full image area-pooled to its size
+            equivariance error: the mean |difference| on [0, 1] pixels between the decoder's
+            scale-s image and its full-resolution image area-pooled to that size
 
   python sample.py --mode recon --ckpt runs/tokenizer-tiny
   python sample.py --mode generate --ckpt runs/dit-tiny --num_samples 16 --guidance 4
@@ -433,7 +433,7 @@ def analyse(args, device, amp):
     Path(args.out, "latent_metrics.json").write_text(json.dumps(res, indent=1))
     print(f"mean ± std over {args.runs} runs: " + " | ".join(
         f"{k} {res['mean'][k]:.5f} ± {res['std'][k]:.5f}" for k in keys))
-    print("equivariance error |D(D_s z) - D_s(D z)| per scale: " +
+    print("equivariance error (scale s's image vs the full image pooled to it) per scale: " +
           ", ".join(f"{k} {v:.4f}" for k, v in res["equivariance_error"].items()))
     print(f"wrote {args.out}/latent_metrics.json, latent_tsne.png")
 
