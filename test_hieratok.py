@@ -1257,6 +1257,10 @@ def test_bad_input_is_refused_before_any_work(tok_run, dit_run, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     before = sorted(os.listdir(tok_run)), sorted(os.listdir(dit_run))
+    old = R.load_checkpoint(str(tok_run))[0]                  # one saved before the VF loss
+    del old["args"]["vf_weight"]
+    os.makedirs(tmp_path / "old")
+    torch.save(old, tmp_path / "old" / "ckpt_0000004.pt")
     cases = {("--steps", "0"): "argument --steps: 0 is out of range: it must be an integer >= 1",
              ("--lr", "-1"): "argument --lr: -1 is out of range: it must be a finite number > 0",
              ("--lr", "nan"): "argument --lr: nan is out of range: it must be a finite number > 0",
@@ -1302,6 +1306,8 @@ def test_bad_input_is_refused_before_any_work(tok_run, dit_run, tmp_path):
              ("--out", str(tok_run), "--seed", "3"): "was trained with --seed 0: resuming with 3",
              ("--out", str(tok_run), "--vf_weight", "0.1"): "was trained with --vf_weight 0.0: "
                                                            "resuming with 0.1 would change whether",
+             ("--out", str(tmp_path / "old"), "--vf_weight", "0.1"): "was trained with "
+                                                                 "--vf_weight 0.0: resuming",
              ("--vf_weight", "0.1", "--vf_file", str(tmp_path / "none.pth")):
                  "no DINOv2 weight file at",
              ("--job", "dit", "--tokenizer", str(tok_run), "--vf_weight", "0.1"):
