@@ -6,13 +6,14 @@ around them.
   1. Flags .............. every config field as a command-line flag; numeric flag types; renamed
                           flags; train.py's flags
   2. Set-up ............. one process or DDP from torchrun's environment, device, autocast, the
-                          GPU's peak FLOP/s, the tokenizer's learning-rate schedule
+                          lost-rank message, the GPU's peak FLOP/s, the tokenizer's learning-rate
+                          schedule
   3. Checkpoints ........ one atomic write, one load (a run directory's newest readable file),
                           one model builder
   4. Weight files ....... LPIPS's ImageNet backbones (never downloaded), DINOv2 for the VF loss
   5. Data, pictures ..... torchvision's ImageFolder with ADM's center crop, the built-in Shapes,
-                          image conversions, grids
-  6. A run's checks .... train.py's, before any model is built: flags against the job, the
+                          image conversions, grids, the checkpoints' pictures
+  6. A run's checks ..... train.py's, before any model is built: flags against the job, the
                           config, the DiT's tokenizer, steps, what a resume may change (REFUSED)
 """
 
@@ -40,7 +41,7 @@ from tqdm import tqdm
 import hieratok as H
 
 # ----------------------------------------------------------------------------------------------
-# 1. Flags: every config field on the command line
+# 1. Flags: every config field on the command line; train.py's flags
 
 
 def add_config_flags(parser, cls, defaults, prefix="", skip=()):
@@ -120,8 +121,8 @@ def train_parser(argv, description):
     arg("--disc_lr_end", type=NONNEG, default=1e-5, help="discriminator final learning rate")
     arg("--freeze_encoder", action="store_true", help="train the decoder side only: the encoder, "
         "so the posterior over z, stays fixed")
-    arg = parser.add_argument_group("VF alignment loss (scaled-up recipe; tokenizer, GAN)")\
-        .add_argument
+    arg = parser.add_argument_group(
+        "VF alignment loss (scaled-up recipe; tokenizer, GAN)").add_argument
     arg("--vf_weight", type=NONNEG, default=0.0, help="x its adaptive weight; 0 = off, VA-VAE: 0.1")
     arg("--vf_model", default="vitl14", choices=list(DINOv2Features.DIMS),
         help="DINOv2's size (VA-VAE's: vitl14)")
@@ -221,8 +222,8 @@ def explain_lost_rank(rank, timeout):
         if re.search(r"tim(ed|ing) ?out", text, re.I):
             why = (f"waited more than --timeout {timeout:g} min for another rank (stopped, hung "
                    f"or dead)")
-        elif isinstance(e, torch.distributed.DistError) or re.search(r"by peer|Connection refused",
-                                                                     text):
+        elif (isinstance(e, torch.distributed.DistError)
+              or re.search(r"by peer|Connection refused", text)):
             why = f"lost another rank ({text.splitlines()[0][:200]})"
         else:
             return sys.__excepthook__(kind, e, tb)
@@ -634,8 +635,9 @@ def picture(path, tokenizer, x=None, dit=None, labels=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. A training run's checks (train.py), before any model is built: each raises ValueError with
-#    the one line train.py prints
+# 6. A run's checks (train.py's), before any model is built: each raises ValueError (or
+#    load_checkpoint's FileNotFoundError) with the one line train.py prints
+
 
 def check_job_flags(args):
     """Flags that do not belong to the job given (--job)."""
@@ -695,6 +697,9 @@ def plan_steps(args, images, world):
     """Images per rank per micro-step, micro-steps per step, and steps, checked against the data
     set's count of images."""
     batch = args.batch or args.global_batch // world
+    if batch < 1:
+        raise ValueError(f"--global_batch {args.global_batch} is fewer than the {world} ranks: "
+                         f"each rank needs an image per step")
     if args.global_batch % (batch * world):
         raise ValueError(f"--global_batch {args.global_batch} is not a multiple of --batch "
                          f"{batch} x {world} ranks")
@@ -733,8 +738,8 @@ def saved_flags(ck):
 
 def resume_changes(args, cfg, steps, ck, path):
     """What resuming from `ck` (read from `path`) with these flags, config and steps would change:
-    a different config or REFUSED flag raises; any other flag's change is a line to say (see
-    REFUSED). -> those lines."""
+    a different config or REFUSED flag raises; any other flag's change is a line to say, yielded
+    as found, so the lines before a refusal are said too (see REFUSED)."""
     saved = config_dict(checkpoint_config(ck))
     diff = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {v!r}"
                      for k, v in config_dict(cfg).items() if saved[k] != v)
@@ -743,14 +748,14 @@ def resume_changes(args, cfg, steps, ck, path):
                          f"flags or a new --out")
     config_flags = {f.name for f in fields(H.HieraTokConfig)} | {
         f"dit_{f.name}" for f in fields(H.DiTConfig)}             # compared above
-    now, saved, said = vars(args), saved_flags(ck), []
+    now, saved = vars(args), saved_flags(ck)
     for name in sorted((set(saved) & set(now)) - config_flags - UNCOMPARED):
         old, new = saved[name], now[name]
         if name in REFUSED and REFUSED[name][0](old) != REFUSED[name][0](new):
             raise ValueError(f"{path} was trained with --{name} {old}: resuming with {new} would "
                              f"change {REFUSED[name][1]}. Pass --{name} {old}, or a new --out")
         if old != new:
-            said.append(f"--{name} {old} -> {new} from step {ck['step']} (resuming {path})")
+            yield f"--{name} {old} -> {new} from step {ck['step']} (resuming {path})"
     proj = ck.get("vf_proj") or {}
     if args.vf_weight > 0 and "bias" in proj:
         raise ValueError(f"{path}'s VF projection has a bias, an earlier version's; this one is "
@@ -759,7 +764,5 @@ def resume_changes(args, cfg, steps, ck, path):
         raise ValueError(f"{path}'s VF projection is {len(proj['weight'])} wide, not DINOv2 "
                          f"{args.vf_model}'s: pass the --vf_model it was trained with")
     if ck.get("steps", steps) != steps:
-        said.append(f"the schedule changes: {path} was planned for {ck['steps']} steps, this run "
-                    f"for {steps}; the learning rate follows the new length from step "
-                    f"{ck['step']}")
-    return said
+        yield (f"the schedule changes: {path} was planned for {ck['steps']} steps, this run for "
+               f"{steps}; the learning rate follows the new length from step {ck['step']}")

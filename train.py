@@ -44,7 +44,7 @@ import runtime as R
 
 # ----------------------------------------------------------------------------------------------
 # flags (runtime.py's train_parser): the job's, and every config field's, whose defaults are the
-# preset's named on the command line; a value out of its range is refused by argparse, in one line
+# values of the presets named on the command line; a value out of range is refused in one line
 
 master = int(os.environ.get("RANK", 0)) == 0
 
@@ -399,7 +399,7 @@ def write_checkpoint():
                         if not (every and s % every == 0)][:-args.keep]:
                 os.remove(old)
             R.picture(os.path.join(out_dir, f"{'samples' if job == 'dit' else 'recon'}_"
-                                          f"{step:07d}.png"), **shown)
+                                            f"{step:07d}.png"), **shown)
         except OSError as e:
             error = (f"cannot write the checkpoint of step {step} to {out_dir} "
                      f"({e.strerror or e}; "
